@@ -1,0 +1,261 @@
+"""Reader for the Endoscapes2023 CVS layout (see shared/formats/README.md, section Endoscapes2023).
+
+Each split folder holds frames named ``${VIDEO_ID}_${FRAME_NUM}.jpg`` (FRAME_NUM counted at 25 fps, one frame per
+second on disk) and ``annotation_ds_coco.json``, whose ``images`` entries are the CVS-labelled keyframes with
+``ds = [C1, C2, C3]``, each the mean of three annotators. A labelled keyframe becomes a clip of ``clip_frames``
+frames ending at it, so temporal models see the seconds leading up to the label.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from avlm.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+CVS_CRITERIA: tuple[str, str, str] = ("C1", "C2", "C3")
+
+# The published split of the 201 videos; for documentation only, the built-in demo uses other ids.
+OFFICIAL_SPLIT_VIDEOS = {"train": range(1, 121), "val": range(121, 162), "test": range(162, 202)}
+
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_FRAME_NAME = re.compile(r"^(\d+)_(\d+)(\.[A-Za-z]+)$")
+# The official evaluator rounds the annotator mean: 2 of 3 annotators make a positive.
+POSITIVE_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class ClipRecord:
+    """One CVS-labelled keyframe and the frames of the clip that ends at it.
+
+    Attributes:
+        clip_id: ``"<video_id>_<frame_num>"`` of the labelled (last) frame.
+        video_id: Video the clip comes from.
+        frame_num: Frame number of the labelled frame at 25 fps, as in the file name.
+        frame_paths: Absolute frame paths, oldest first, ending with the labelled frame.
+        labels: Binarised criteria C1, C2, C3 (``score >= 0.5``, the annotators' majority).
+        scores: The raw ``ds`` values (annotator means 0, 1/3, 2/3 or 1).
+    """
+
+    clip_id: str
+    video_id: int
+    frame_num: int
+    frame_paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    scores: tuple[float, ...]
+
+
+def parse_frame_name(name: str) -> tuple[int, int] | None:
+    """Return ``(video_id, frame_num)`` for a frame file name like ``12_3400.jpg``, or None if it is not one."""
+    match = _FRAME_NAME.match(name)
+    if match is None or match.group(3).lower() not in FRAME_EXTENSIONS:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+def load_endoscapes(
+    root: str | os.PathLike,
+    splits: Sequence[str] = ("train", "val", "test"),
+    clip_frames: int = 4,
+    frame_stride: int = 25,
+    annotation_file: str = "annotation_ds_coco.json",
+) -> dict[str, list[ClipRecord]]:
+    """Read the CVS-labelled clips of an Endoscapes2023 copy.
+
+    Args:
+        root: Dataset folder holding one sub-folder per split.
+        splits: Split folders to read.
+        clip_frames: Frames per clip, the labelled frame included.
+        frame_stride: Distance between consecutive clip frames in frame numbers (25 = one second).
+        annotation_file: Name of the COCO json with the ``ds`` labels inside each split folder.
+
+    Returns:
+        Split name → records sorted by (video_id, frame_num). A clip frame missing on disk (start of the video or
+        a gap) is filled with the nearest earlier frame of the clip that exists, or, before the first one, with
+        the earliest existing frame, so the clip stays in time order and always ends with the labelled frame.
+
+    Raises:
+        DataError: Missing folder or file, malformed annotation, missing labelled frame, or a video shared
+            between splits or absent from its ``<split>_vids.txt``.
+    """
+    if isinstance(splits, str):
+        splits = (splits,)
+    if clip_frames < 1 or frame_stride < 1:
+        raise ValueError(f"clip_frames and frame_stride must be >= 1, got {clip_frames} and {frame_stride}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"Endoscapes data folder {root} does not exist. Point data_dir at an Endoscapes2023 copy (with "
+            f"{'/, '.join(splits)}/ folders), or leave data_dir unset to use the built-in demo data."
+        )
+    root = root.resolve()
+    result: dict[str, list[ClipRecord]] = {}
+    for split in splits:
+        result[split] = _load_split(root, split, clip_frames, frame_stride, annotation_file)
+    _check_split_hygiene(root, result)
+    for split, records in result.items():
+        _log_split_summary(split, records)
+    return result
+
+
+def _load_split(root: Path, split: str, clip_frames: int, stride: int, annotation_file: str) -> list[ClipRecord]:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"Endoscapes split folder {split_dir} does not exist (expected {split}/ under {root})")
+    frames = _index_frames(split_dir)
+    json_path = split_dir / annotation_file
+    records = []
+    for index, file_name, scores in _read_annotations(json_path):
+        # _read_annotations already checked the name, so this parse cannot fail.
+        video_id, frame_num = parse_frame_name(file_name)  # type: ignore[misc]
+        video_frames = frames.get(video_id, {})
+        labelled_path = video_frames.get(frame_num)
+        if labelled_path is None or os.path.basename(labelled_path) != file_name:
+            raise DataError(
+                f"{json_path}: images[{index}] (file_name={file_name!r}): frame {split_dir / file_name} is not on disk"
+            )
+        wanted = [frame_num - (clip_frames - 1 - j) * stride for j in range(clip_frames)]
+        records.append(
+            ClipRecord(
+                clip_id=f"{video_id}_{frame_num}",
+                video_id=video_id,
+                frame_num=frame_num,
+                frame_paths=_fill_clip([video_frames.get(n) for n in wanted]),
+                labels=tuple(int(s >= POSITIVE_THRESHOLD) for s in scores),
+                scores=scores,
+            )
+        )
+    records.sort(key=lambda r: (r.video_id, r.frame_num))
+    return records
+
+
+def _index_frames(split_dir: Path) -> dict[int, dict[int, str]]:
+    """Map video id → frame number → absolute path, from one directory listing."""
+    frames: dict[int, dict[int, str]] = {}
+    with os.scandir(split_dir) as entries:
+        for entry in entries:
+            parsed = parse_frame_name(entry.name)
+            if parsed is None:
+                continue
+            video_id, frame_num = parsed
+            video_frames = frames.setdefault(video_id, {})
+            if frame_num in video_frames:
+                raise DataError(
+                    f"{split_dir}: frame {video_id}_{frame_num} is stored twice "
+                    f"({os.path.basename(video_frames[frame_num])} and {entry.name}); keep one"
+                )
+            video_frames[frame_num] = str(split_dir / entry.name)
+    return frames
+
+
+def _fill_clip(paths: list[str | None]) -> tuple[str, ...]:
+    """Fill missing clip frames: from the previous existing frame, or before the first one, from it."""
+    # The last frame (the labelled one) always exists, so a first existing frame is always found.
+    first = next(p for p in paths if p is not None)
+    filled = []
+    previous = first
+    for path in paths:
+        previous = path if path is not None else previous
+        filled.append(previous)
+    return tuple(filled)
+
+
+def _read_annotations(json_path: Path) -> list[tuple[int, str, tuple[float, ...]]]:
+    """Return (entry index, file_name, ds scores) for each image entry, validated."""
+    if not json_path.is_file():
+        raise DataError(f"annotation file {json_path} does not exist")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"annotation file {json_path} is not valid JSON: {exc}") from exc
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list) or not images:
+        raise DataError(f"annotation file {json_path} has no 'images' list of labelled frames")
+    entries = []
+    seen: dict[str, int] = {}
+    for index, image in enumerate(images):
+        if not isinstance(image, dict):
+            raise DataError(f"{json_path}: images[{index}] is not an object: {image!r}")
+        where = f"{json_path}: images[{index}] (file_name={image.get('file_name')!r}, id={image.get('id')!r})"
+        for key in ("file_name", "ds"):
+            if key not in image:
+                raise DataError(f"{where} has no '{key}'")
+        file_name = image["file_name"]
+        if not isinstance(file_name, str) or parse_frame_name(file_name) is None:
+            raise DataError(
+                f"{where}: file_name must look like <video_id>_<frame_num>"
+                f"{{{','.join(FRAME_EXTENSIONS)}}}, got {file_name!r}"
+            )
+        if file_name in seen:
+            raise DataError(f"{where}: file_name is listed twice (also images[{seen[file_name]}])")
+        seen[file_name] = index
+        entries.append((index, file_name, _check_scores(image["ds"], where)))
+    return entries
+
+
+def _check_scores(ds: object, where: str) -> tuple[float, ...]:
+    def is_score(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0.0 <= x <= 1.0
+
+    if not isinstance(ds, list) or len(ds) != len(CVS_CRITERIA) or not all(is_score(x) for x in ds):
+        raise DataError(
+            f"{where}: 'ds' must be a list of {len(CVS_CRITERIA)} numbers in [0, 1] "
+            f"({', '.join(CVS_CRITERIA)}), got {ds!r}"
+        )
+    return tuple(float(x) for x in ds)
+
+
+def _check_split_hygiene(root: Path, result: dict[str, list[ClipRecord]]) -> None:
+    """Refuse a video in two splits (leakage) and videos that the official ``<split>_vids.txt`` lists do not hold."""
+    splits_of_video: dict[int, list[str]] = {}
+    for split, records in result.items():
+        for video_id in sorted({r.video_id for r in records}):
+            splits_of_video.setdefault(video_id, []).append(split)
+    shared = {v: s for v, s in sorted(splits_of_video.items()) if len(s) > 1}
+    if shared:
+        listing = "; ".join(f"video {v} in {', '.join(s)}" for v, s in shared.items())
+        raise DataError(f"{root}: {len(shared)} video(s) appear in more than one split: {listing}")
+    for split, records in result.items():
+        vids_file = root / f"{split}_vids.txt"
+        if not vids_file.is_file():
+            continue
+        allowed = set(_read_video_list(vids_file))
+        extra = sorted({r.video_id for r in records} - allowed)
+        if extra:
+            raise DataError(f"{root / split}: video(s) {extra} are not listed in {vids_file}")
+
+
+def _read_video_list(path: Path) -> Iterable[int]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value) or value != int(value):
+                raise DataError(f"{path}, line {line_no}: expected a video id, got {text!r}")
+            yield int(value)
+
+
+def _log_split_summary(split: str, records: Sequence[ClipRecord]) -> None:
+    n = max(len(records), 1)
+    rates = ", ".join(f"{name} {sum(r.labels[k] for r in records) / n:.1%}" for k, name in enumerate(CVS_CRITERIA))
+    logger.info(
+        "Endoscapes %s: %d videos, %d clips, positive rate %s",
+        split,
+        len({r.video_id for r in records}),
+        len(records),
+        rates,
+    )

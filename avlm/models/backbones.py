@@ -1,0 +1,496 @@
+"""Frozen foundation video encoders behind one interface.
+
+``build_backbone(spec)`` turns a short spec into a :class:`VideoBackbone`:
+
+- ``vjepa2-tiny``: a 2-layer V-JEPA 2 built from a config with random weights (tests, smoke runs).
+- ``vjepa2:<HF id or local path>``: a V-JEPA 2 checkpoint (``transformers.VJEPA2Model``); encoder only.
+- ``timm-tiny``: a 2-layer timm ViT with random weights, applied frame by frame.
+- ``timm:<model name>``: any timm image model, applied frame by frame.
+
+Every backbone takes ``pixel_values`` of shape (B, T, C, H, W), already resized to ``image_size`` and
+normalised with the backbone's ``mean`` / ``std`` (the data pipeline does both), and returns tokens (B, N, D):
+V-JEPA 2 gives one token per spatio-temporal tubelet; timm models give one pooled feature per frame (N = T).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from avlm.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_SPEC_HELP = "use vjepa2-tiny, vjepa2:<hf id or path>, timm-tiny or timm:<model name>"
+
+# The tiny V-JEPA 2: crop 32, patch 8, tubelet 2, width 48, 2 layers of 2 heads (a few ms per forward on CPU).
+_VJEPA2_TINY_CONFIG = dict(
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    mlp_ratio=2.0,
+    crop_size=32,
+    patch_size=8,
+    tubelet_size=2,
+    pred_hidden_size=24,
+    pred_num_hidden_layers=1,
+    pred_num_attention_heads=2,
+    pred_num_mask_tokens=2,
+)
+_TIMM_TINY_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
+
+# User-facing LoRA target names -> module paths inside one block. The research log speaks of q_proj/k_proj/v_proj,
+# the HF V-JEPA 2 modules are query/key/value: accept both.
+_VJEPA2_LORA_TARGETS = {
+    "query": "attention.query",
+    "q": "attention.query",
+    "q_proj": "attention.query",
+    "key": "attention.key",
+    "k": "attention.key",
+    "k_proj": "attention.key",
+    "value": "attention.value",
+    "v": "attention.value",
+    "v_proj": "attention.value",
+    "proj": "attention.proj",
+    "o_proj": "attention.proj",
+    "out_proj": "attention.proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+# timm ViTs compute q, k and v with one fused Linear: peft can only adapt it whole, so any of them maps to "qkv"
+# (asking for "value" alone therefore adapts q, k and v together).
+_TIMM_LORA_TARGETS = {
+    "query": "attn.qkv",
+    "q": "attn.qkv",
+    "q_proj": "attn.qkv",
+    "key": "attn.qkv",
+    "k": "attn.qkv",
+    "k_proj": "attn.qkv",
+    "value": "attn.qkv",
+    "v": "attn.qkv",
+    "v_proj": "attn.qkv",
+    "qkv": "attn.qkv",
+    "proj": "attn.proj",
+    "o_proj": "attn.proj",
+    "out_proj": "attn.proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+
+
+@dataclass
+class BackboneOutput:
+    """What a backbone returns.
+
+    Attributes:
+        tokens: (B, N, D) features.
+        attentions: one (B, heads, Nq, Nk) tensor of softmax probabilities per backbone layer, or None unless
+            asked for (and None for timm models without ViT blocks).
+    """
+
+    tokens: torch.Tensor
+    attentions: list[torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed the CPU RNG for the block and restore the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The module under a peft ``PeftModel`` wrapper (LoRA layers are injected into it in place)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _regex_for(targets: Sequence[str], table: dict[str, str], block_prefix: str, spec: str) -> str:
+    """Full-name regex (peft matches it with ``re.fullmatch``) for the given user-facing target names."""
+    if isinstance(targets, str):
+        targets = [targets]
+    if not targets:
+        raise ModelError(f"no LoRA target modules given for backbone '{spec}': use some of {sorted(table)}")
+    unknown = [t for t in targets if t not in table]
+    if unknown:
+        raise ModelError(f"unknown LoRA target(s) {unknown} for backbone '{spec}': use some of {sorted(table)}")
+    paths = sorted({table[t] for t in targets})
+    return rf"{block_prefix}\.\d+\.(?:{'|'.join(re.escape(p) for p in paths)})"
+
+
+class VideoBackbone(nn.Module):
+    """Frozen-foundation video encoder behind one interface.
+
+    Attributes:
+        name: the spec it was built from, e.g. ``vjepa2-tiny`` or ``vjepa2:facebook/vjepa2-vitl-fpc16-256-ssv2``.
+        revision: the Hugging Face commit hash of the weights when known, else None.
+        feature_dim: D, the width of the returned tokens.
+        image_size: frames must be resized / cropped to this square size.
+        num_frames: T, the clip length the backbone expects.
+        mean: per-channel normalisation mean expected by the weights.
+        std: per-channel normalisation std expected by the weights.
+        model: the wrapped HF / timm module (LoRA replaces it with a peft ``PeftModel``).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: nn.Module,
+        feature_dim: int,
+        image_size: int,
+        num_frames: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        revision: str | None,
+        identity: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.feature_dim = int(feature_dim)
+        self.image_size = int(image_size)
+        self.num_frames = int(num_frames)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.revision = revision
+        self._identity = identity
+
+    def base_model(self) -> nn.Module:
+        """The HF / timm module itself, looking through a peft wrapper when LoRA is applied."""
+        return _unwrap_peft(self.model)
+
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> BackboneOutput:
+        """Encode a batch of clips.
+
+        Args:
+            pixel_values: (B, T, C, H, W) normalised frames, T = ``num_frames``, H = W = ``image_size``.
+            output_attentions: also return per-layer attention probabilities.
+
+        Returns:
+            The tokens and, when asked, the attentions.
+        """
+        raise NotImplementedError
+
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks in order (the last ones are unfrozen by ``unfreeze_last_blocks``)."""
+        raise NotImplementedError
+
+    def lora_target_regex(self, modules: Sequence[str]) -> str:
+        """A regex over full module names for ``peft.LoraConfig(target_modules=...)``.
+
+        Args:
+            modules: user-facing projection names, e.g. ``("query", "key", "value")``.
+
+        Returns:
+            A regex matching those projections inside the encoder blocks only.
+        """
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A stable id for feature-cache keys: spec, revision, config, input size, and init seed if random.
+
+        Returns:
+            A sha256 hex digest, identical across processes for the same backbone.
+        """
+        payload = {
+            "spec": self.name,
+            "revision": self.revision,
+            "num_frames": self.num_frames,
+            "image_size": self.image_size,
+            **self._identity,
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def _check_input(self, pixel_values: torch.Tensor) -> None:
+        expected = (self.num_frames, 3, self.image_size, self.image_size)
+        if pixel_values.ndim != 5 or tuple(pixel_values.shape[1:]) != expected:
+            raise ModelError(
+                f"backbone '{self.name}' expects pixel_values of shape (B, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, feature_dim={self.feature_dim}, image_size={self.image_size}, "
+            f"num_frames={self.num_frames}"
+        )
+
+
+class VJEPA2Backbone(VideoBackbone):
+    """V-JEPA 2 encoder (the predictor is never run); tokens are (B, T/tubelet · (H/patch)², D)."""
+
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> BackboneOutput:
+        self._check_input(pixel_values)
+        base = self.base_model()
+        previous = base.config._attn_implementation
+        # sdpa/flash kernels never materialise the probabilities: switch to eager for this call only.
+        switch = output_attentions and previous != "eager"
+        if switch:
+            base.set_attn_implementation("eager")
+        try:
+            out = self.model(pixel_values_videos=pixel_values, skip_predictor=True, output_attentions=output_attentions)
+        finally:
+            if switch:
+                base.set_attn_implementation(previous)
+        attentions = None
+        if output_attentions:
+            attentions = list(out.attentions or ())
+            if len(attentions) != len(base.encoder.layer):
+                raise ModelError(
+                    f"backbone '{self.name}' returned {len(attentions)} attention maps for "
+                    f"{len(base.encoder.layer)} layers"
+                )
+        return BackboneOutput(tokens=out.last_hidden_state, attentions=attentions)
+
+    def blocks(self) -> nn.ModuleList:
+        return self.base_model().encoder.layer
+
+    def lora_target_regex(self, modules: Sequence[str]) -> str:
+        # Anchored at "encoder.layer.N." so that the predictor's own query/key/value stay untouched.
+        return _regex_for(modules, _VJEPA2_LORA_TARGETS, r"encoder\.layer", self.name)
+
+
+class TimmFrameBackbone(VideoBackbone):
+    """A timm image model applied to each frame; tokens are the pooled per-frame features, (B, T, D).
+
+    Attentions (ViT-style models only) come per block with the frames folded into the batch:
+    (B·T, heads, N, N), N = prefix tokens + patches. Models without ``blocks[i].attn`` return None.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._warned_no_attention = False
+
+    def _attention_modules(self) -> list[nn.Module] | None:
+        blocks = getattr(self.base_model(), "blocks", None)
+        if blocks is None:
+            return None
+        modules = [getattr(block, "attn", None) for block in blocks]
+        if not modules or any(
+            m is None or not hasattr(m, "attn_drop") or not hasattr(m, "fused_attn") for m in modules
+        ):
+            return None
+        return modules
+
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> BackboneOutput:
+        self._check_input(pixel_values)
+        batch, frames = pixel_values.shape[:2]
+        images = pixel_values.flatten(0, 1)
+        base = self.base_model()
+
+        attention_modules = self._attention_modules() if output_attentions else None
+        if output_attentions and attention_modules is None and not self._warned_no_attention:
+            logger.warning("backbone '%s' has no ViT attention blocks: attentions are not available", self.name)
+            self._warned_no_attention = True
+
+        captured: list[torch.Tensor] = []
+        hooks = []
+        was_fused = {}
+        for module in attention_modules or ():
+            # The fused kernel never materialises the probabilities; the explicit path feeds them to attn_drop
+            # (a pre-hook sees them before dropout).
+            was_fused[module] = module.fused_attn
+            module.fused_attn = False
+            hooks.append(module.attn_drop.register_forward_pre_hook(lambda _m, args: captured.append(args[0])))
+        try:
+            features = base.forward_head(base.forward_features(images), pre_logits=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for module, fused in was_fused.items():
+                module.fused_attn = fused
+
+        tokens = features.reshape(batch, frames, -1)
+        return BackboneOutput(tokens=tokens, attentions=captured if attention_modules is not None else None)
+
+    def blocks(self) -> nn.ModuleList:
+        base = self.base_model()
+        for attribute in ("blocks", "stages", "layers"):
+            container = getattr(base, attribute, None)
+            if isinstance(container, nn.ModuleList):
+                return container
+            if isinstance(container, nn.Sequential):
+                return nn.ModuleList(list(container))
+        # torchvision-style ResNets in timm keep their stages as layer1..layer4.
+        stages = [getattr(base, f"layer{i}") for i in range(1, 5) if hasattr(base, f"layer{i}")]
+        if stages:
+            return nn.ModuleList(stages)
+        raise ModelError(f"backbone '{self.name}' has no blocks, stages or layers to unfreeze")
+
+    def lora_target_regex(self, modules: Sequence[str]) -> str:
+        return _regex_for(modules, _TIMM_LORA_TARGETS, r"blocks", self.name)
+
+
+def _build_vjepa2(
+    spec: str, source: str | None, *, num_frames: int, image_size: int | None, pretrained: bool, init_seed: int
+) -> VideoBackbone:
+    from transformers import VJEPA2Config, VJEPA2Model
+
+    overrides: dict[str, Any] = {}
+    if image_size is not None:
+        # V-JEPA 2 uses RoPE (no learned position table), so it runs at any crop that the patch size divides.
+        overrides["crop_size"] = int(image_size)
+
+    random_init = source is None or not pretrained
+    if source is None:
+        config = VJEPA2Config(
+            **{**_VJEPA2_TINY_CONFIG, **overrides}, frames_per_clip=num_frames, attn_implementation="eager"
+        )
+    else:
+        try:
+            if pretrained:
+                # float32 regardless of the checkpoint dtype: mixed precision is the trainer's business (autocast).
+                model = VJEPA2Model.from_pretrained(
+                    source, attn_implementation="sdpa", dtype=torch.float32, **overrides
+                )
+                config = model.config
+            else:
+                config = VJEPA2Config.from_pretrained(source, attn_implementation="sdpa", **overrides)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"could not load backbone '{spec}' from '{source}': {exc}") from exc
+
+    if config.crop_size % config.patch_size:
+        raise ModelError(
+            f"backbone '{spec}': image_size {config.crop_size} is not a multiple of the patch size {config.patch_size}"
+        )
+    if num_frames < 1 or (num_frames >= config.tubelet_size and num_frames % config.tubelet_size):
+        raise ModelError(
+            f"backbone '{spec}': num_frames {num_frames} is not a multiple of the tubelet size {config.tubelet_size}"
+        )
+    if random_init:
+        with _seeded(init_seed):
+            model = VJEPA2Model(config)
+
+    identity_config = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in {"transformers_version", "_name_or_path", "_commit_hash", "architectures", "dtype", "torch_dtype"}
+        and not k.startswith("_attn_implementation")
+    }
+    identity: dict[str, Any] = {"config": identity_config, "pretrained": not random_init}
+    if random_init:
+        identity["init_seed"] = init_seed
+    return VJEPA2Backbone(
+        name=spec,
+        model=model.eval(),
+        feature_dim=config.hidden_size,
+        image_size=config.crop_size,
+        num_frames=num_frames,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        revision=getattr(config, "_commit_hash", None),
+        identity=identity,
+    )
+
+
+def _build_timm(
+    spec: str,
+    model_name: str,
+    *,
+    num_frames: int,
+    image_size: int | None,
+    pretrained: bool,
+    init_seed: int,
+    extra_kwargs: dict[str, Any] | None = None,
+) -> VideoBackbone:
+    import timm
+    from timm.data import resolve_data_config
+
+    kwargs: dict[str, Any] = {"num_classes": 0, **(extra_kwargs or {})}
+    if image_size is not None:
+        kwargs["img_size"] = int(image_size)
+
+    def create(**create_kwargs: Any) -> nn.Module:
+        with _seeded(init_seed):
+            return timm.create_model(model_name, pretrained=pretrained, **create_kwargs)
+
+    try:
+        try:
+            model = create(**kwargs)
+        except TypeError:
+            if "img_size" not in kwargs:
+                raise
+            # Convolutional models take no img_size and run at any resolution.
+            kwargs.pop("img_size")
+            model = create(**kwargs)
+    except (RuntimeError, OSError) as exc:  # unknown model name, or weights that cannot be fetched
+        raise ModelError(f"could not build backbone '{spec}': {exc}") from exc
+
+    data_config = resolve_data_config({}, model=model)
+    size = image_size or getattr(getattr(model, "patch_embed", None), "img_size", None) or data_config["input_size"][1:]
+    size = size if isinstance(size, int) else size[0]
+    pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    identity: dict[str, Any] = {
+        "model_name": model_name,
+        "kwargs": kwargs,
+        "pretrained_cfg": pretrained_cfg,
+        "pretrained": pretrained,
+    }
+    if not pretrained:
+        identity["init_seed"] = init_seed
+    return TimmFrameBackbone(
+        name=spec,
+        model=model.eval(),
+        feature_dim=getattr(model, "head_hidden_size", None) or model.num_features,
+        image_size=int(size),
+        num_frames=num_frames,
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        revision=None,
+        identity=identity,
+    )
+
+
+def build_backbone(
+    spec: str, *, num_frames: int = 4, image_size: int | None = None, pretrained: bool = True, init_seed: int = 0
+) -> VideoBackbone:
+    """Build a video backbone from its spec.
+
+    Args:
+        spec: ``vjepa2-tiny``, ``vjepa2:<HF id or local path>``, ``timm-tiny`` or ``timm:<model name>``.
+        num_frames: clip length T fed to the backbone.
+        image_size: square input size; None keeps the model's own (V-JEPA 2 crop size, timm input size).
+        pretrained: load the published weights (``vjepa2:`` / ``timm:``); the tiny specs are always random.
+        init_seed: seed of the random initialisation; the caller's RNG state is left untouched.
+
+    Returns:
+        The backbone, in eval mode, with every parameter trainable until an adaptation mode freezes them.
+
+    Raises:
+        ModelError: unknown spec, unloadable weights, or a frame count / size the model cannot take.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelError(f"unknown backbone {spec!r}: {_SPEC_HELP}")
+    spec = spec.strip()
+    common = dict(num_frames=num_frames, image_size=image_size, init_seed=init_seed)
+    if spec == "vjepa2-tiny":
+        return _build_vjepa2(spec, None, pretrained=False, **common)
+    if spec.startswith("vjepa2:") and spec[len("vjepa2:") :]:
+        return _build_vjepa2(spec, spec[len("vjepa2:") :], pretrained=pretrained, **common)
+    if spec == "timm-tiny":
+        return _build_timm(
+            spec,
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            extra_kwargs=_TIMM_TINY_KWARGS,
+            **{**common, "image_size": image_size or _TIMM_TINY_KWARGS["img_size"]},
+        )
+    if spec.startswith("timm:") and spec[len("timm:") :]:
+        return _build_timm(spec, spec[len("timm:") :], pretrained=pretrained, **common)
+    raise ModelError(f"unknown backbone '{spec}': {_SPEC_HELP}")

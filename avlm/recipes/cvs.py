@@ -1,0 +1,710 @@
+"""Critical View of Safety (CVS) classification on a frozen video backbone.
+
+Three multi-label criteria (C1 hepatocystic triangle, C2 cystic plate, C3 two structures) per short clip of
+laparoscopic video. A frozen foundation backbone (V-JEPA 2 from transformers, or a timm image model applied per
+frame) feeds an attentive-pooling head; optionally LoRA, unfrozen last blocks, or staged training adapt the
+backbone. Metric: per-criterion average precision and their mean (mAP).
+
+Run it::
+
+    mlflow run . -e train_cvs --env-manager local                        # built-in demo data, tiny backbone
+    python entrypoints/train_cvs.py --config examples/cvs/vjepa2_lora.yaml --data_dir /data/endoscapes
+    accelerate launch --config_file examples/accelerate/ddp_2gpu.yaml entrypoints/train_cvs.py --config ...
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+
+from avlm.config import config_from_dict, config_to_dict, flatten_config, load_config
+from avlm.data import (
+    CVS_CRITERIA,
+    ClipDataset,
+    EpochSampler,
+    class_balanced_weights,
+    ensure_cvs_demo,
+    label_checksum,
+    load_endoscapes,
+    manifest_hash,
+    mix_clips,
+)
+from avlm.errors import ConfigError
+from avlm.features import TokenDataset, cached_tokens, default_cache_dir
+from avlm.losses import MultiLabelLoss
+from avlm.metrics import attention_entropy_percent, average_precision_per_class, layer_entropies_percent
+from avlm.models import (
+    ClassificationHead,
+    VideoClassifier,
+    apply_adaptation,
+    build_backbone,
+    count_parameters,
+    load_trainable_state_dict,
+    parameter_groups,
+    save_lora_adapter,
+    trainable_state_dict,
+)
+from avlm.registry import RegistryConfig, log_and_register, promote_if_better
+from avlm.tracking import (
+    TrackingConfig,
+    git_state,
+    hardware_info,
+    package_versions,
+    plots,
+    provenance_tags,
+    tracked_run,
+)
+from avlm.train import (
+    LoopState,
+    StepOutput,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    fit,
+    load_state,
+    load_trainable,
+    make_accelerator,
+    optimizer_steps_per_epoch,
+    restore_optimization,
+)
+
+logger = logging.getLogger(__name__)
+
+RECIPE = "cvs"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CVSDataConfig:
+    """Attributes:
+    data_dir: Endoscapes2023 root (train/ val/ test/ with annotation_ds_coco.json); empty = built-in demo data.
+    clip_frames: frames per clip, ending at the labelled frame.
+    frame_stride: frame-number step between clip frames (25 = 1 s in Endoscapes' 25 fps numbering).
+    demo_seed: seed of the generated demo dataset.
+    sampler: random, or class_balanced (WeightedRandomSampler-style, with replacement).
+    mixup_alpha / cutmix_alpha: clip-level MixUp / CutMix Beta parameters; 0 = off (they touch pixels, so
+        they turn the feature cache off).
+    feature_cache: train the head from cached backbone tokens when the backbone is frozen and nothing
+        touches pixels.
+    cache_dir: feature cache and demo data location; empty = $AVLM_CACHE_DIR or ~/.cache/avlm.
+    entropy_clips: fixed validation clips on which attention entropy is measured each epoch.
+    limit_clips: keep only the first N clips of each split (quick checks); 0 = all.
+    """
+
+    data_dir: str = ""
+    clip_frames: int = 4
+    frame_stride: int = 25
+    demo_seed: int = 0
+    sampler: Literal["random", "class_balanced"] = "random"
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    feature_cache: bool = True
+    cache_dir: str = ""
+    entropy_clips: int = 16
+    limit_clips: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("clip_frames", "frame_stride"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'data.{key}' must be >= 1, got {getattr(self, key)}")
+        for key in ("mixup_alpha", "cutmix_alpha", "entropy_clips", "limit_clips"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'data.{key}' must be >= 0, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass
+class CVSModelConfig:
+    """Attributes:
+    backbone: vjepa2-tiny | vjepa2:<HF id or local path> | timm-tiny | timm:<model name>.
+    pretrained: load pretrained timm weights (V-JEPA 2 ids are always pretrained; the -tiny specs never).
+    init_seed: seed of random-init backbones (the tiny specs), so a checkpoint rebuilds the same backbone.
+    adaptation: frozen | lora | unfreeze (last N blocks) | staged (head first, then last N blocks at backbone_lr).
+    lora_r / lora_alpha / lora_dropout / lora_targets: peft LoRA settings; targets are module names inside the
+        backbone's attention (V-JEPA 2: query, key, value; timm ViT: qkv).
+    unfreeze_last_n: blocks trained by unfreeze and staged.
+    stage1_epochs: staged only: epochs of head-only training before the blocks start to train.
+    pooling: attentive (learned queries + cross-attention) or mean.
+    head_queries / head_heads / head_hidden / head_dropout: attentive pooler and MLP sizes.
+    """
+
+    backbone: str = "vjepa2-tiny"
+    pretrained: bool = True
+    init_seed: int = 0
+    adaptation: Literal["frozen", "lora", "unfreeze", "staged"] = "frozen"
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["query", "key", "value"])
+    unfreeze_last_n: int = 1
+    stage1_epochs: int = 2
+    pooling: Literal["attentive", "mean"] = "attentive"
+    head_queries: int = 1
+    head_heads: int = 4
+    head_hidden: int = 512
+    head_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 1:
+            raise ConfigError(f"config key 'model.lora_r' must be >= 1, got {self.lora_r}")
+        if not 0 <= self.head_dropout < 1 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError("config keys 'model.head_dropout' and 'model.lora_dropout' must be in [0, 1)")
+        for key in ("unfreeze_last_n", "stage1_epochs"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'model.{key}' must be >= 0, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Attributes:
+    kind: bce (BCEWithLogits) or focal (sigmoid focal loss).
+    pos_weight: per-criterion positive weight [C1, C2, C3]; empty = none.
+    focal_alpha / focal_gamma: focal loss parameters.
+    label_smoothing: targets become y(1-ε) + ε/2.
+    """
+
+    kind: Literal["bce", "focal"] = "bce"
+    pos_weight: list[float] = dataclasses.field(default_factory=list)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.pos_weight and len(self.pos_weight) != len(CVS_CRITERIA):
+            raise ConfigError(f"config key 'loss.pos_weight' needs {len(CVS_CRITERIA)} values, got {self.pos_weight}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"config key 'loss.label_smoothing' must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclasses.dataclass
+class CVSConfig:
+    """The whole train_cvs configuration (examples/cvs/*.yaml).
+
+    Attributes:
+        seed: seeds sampling, initialisation of the head, dropout and MixUp.
+        output_dir: local folder for checkpoints and plots (one sub-folder per run).
+        resume: MLflow run id or checkpoint folder to continue a crashed run from (its saved config is used).
+    """
+
+    seed: int = 1
+    output_dir: str = "outputs"
+    resume: str = ""
+    data: CVSDataConfig = dataclasses.field(default_factory=CVSDataConfig)
+    model: CVSModelConfig = dataclasses.field(default_factory=CVSModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    registry: RegistryConfig = dataclasses.field(default_factory=lambda: RegistryConfig(name="avlm-cvs"))
+
+
+def load_cvs_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CVSConfig:
+    return load_config(CVSConfig, path, overrides)
+
+
+@dataclasses.dataclass
+class CVSResult:
+    """What :func:`main` returns (on the main process; other ranks get the loop state and metrics only)."""
+
+    run_id: str | None
+    state: LoopState
+    final_metrics: dict[str, float]
+    model_version: str | None = None
+    promoted: bool | None = None
+    used_feature_cache: bool = False
+    output_dir: Path | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data, model, naming
+# ----------------------------------------------------------------------------------------------------------------
+def load_cvs_splits(cfg: CVSDataConfig) -> tuple[dict[str, list], str]:
+    """Clip records per split and the dataset's name (``cvs-demo`` or ``endoscapes:<folder>``)."""
+    if cfg.data_dir:
+        root, dataset = Path(cfg.data_dir), f"endoscapes:{Path(cfg.data_dir).name}"
+    else:
+        root = ensure_cvs_demo(Path(cfg.cache_dir) if cfg.cache_dir else None, seed=cfg.demo_seed)
+        dataset = "cvs-demo"
+    available = [s for s in ("train", "val", "test") if (root / s).is_dir()] if root.is_dir() else ["train", "val"]
+    splits = load_endoscapes(root, splits=tuple(available), clip_frames=cfg.clip_frames, frame_stride=cfg.frame_stride)
+    for name in ("train", "val"):
+        if not splits.get(name):
+            raise ConfigError(f"data: split '{name}' of {root} has no labelled clips")
+    if cfg.limit_clips:
+        splits = {name: records[: cfg.limit_clips] for name, records in splits.items()}
+    return splits, dataset
+
+
+def build_cvs_model(cfg: CVSModelConfig, num_frames: int) -> VideoClassifier:
+    """Backbone + head, with the configured adaptation applied (deterministic given the seeds)."""
+    backbone = build_backbone(cfg.backbone, num_frames=num_frames, pretrained=cfg.pretrained, init_seed=cfg.init_seed)
+    head = ClassificationHead(
+        backbone.feature_dim,
+        len(CVS_CRITERIA),
+        pooling=cfg.pooling,
+        num_queries=cfg.head_queries,
+        num_heads=cfg.head_heads,
+        hidden_dim=cfg.head_hidden,
+        dropout=cfg.head_dropout,
+    )
+    model = VideoClassifier(backbone, head)
+    apply_adaptation(
+        model,
+        "unfreeze" if cfg.adaptation == "staged" else cfg.adaptation,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        lora_targets=cfg.lora_targets,
+        unfreeze_last_n=cfg.unfreeze_last_n,
+    )
+    return model
+
+
+def run_name_for(cfg: CVSConfig) -> str:
+    """``cvs-<backbone>-<adaptation>-seed<N>``, e.g. ``cvs-vjepa2-vitl-fpc16-256-ssv2-lora_r32-seed1``."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    backbone = re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.model.backbone.split(":")[-1].rstrip("/").split("/")[-1])
+    adaptation = {
+        "lora": f"lora_r{cfg.model.lora_r}",
+        "unfreeze": f"unfreeze{cfg.model.unfreeze_last_n}",
+        "staged": f"staged{cfg.model.unfreeze_last_n}",
+    }.get(cfg.model.adaptation, cfg.model.adaptation)
+    return f"{RECIPE}-{backbone}-{adaptation}-seed{cfg.seed}"
+
+
+def classification_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """mAP and AP per criterion (sklearn's average precision; targets binarised at 0.5)."""
+    ap = average_precision_per_class(targets, scores)
+    metrics = {f"AP_{name}": float(value) for name, value in zip(CVS_CRITERIA, ap, strict=True)}
+    metrics["mAP"] = float(np.nanmean(ap)) if not np.all(np.isnan(ap)) else float("nan")
+    return metrics
+
+
+def _collate_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {"tokens": batch["tokens"]} if "tokens" in batch else {"pixel_values": batch["pixel_values"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_resume(resume: str, tracking_uri: str = "") -> Path:
+    """Local checkpoint folder for ``resume`` = a folder, or an MLflow run id whose ``checkpoints/last`` is fetched."""
+    path = Path(resume)
+    if path.is_dir():
+        return path
+    import mlflow
+
+    from avlm.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=resume, artifact_path="checkpoints/last")
+    except Exception as err:  # MLflow raises several types for a missing run or artifact
+        raise ConfigError(
+            f"config key 'resume': '{resume}' is neither a checkpoint folder nor a run with checkpoints/last ({err})"
+        ) from err
+    return Path(local)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------------------
+def main(cfg: CVSConfig) -> CVSResult:
+    """Train, evaluate, log and register one CVS model. See the module docstring for the method."""
+    resume_dir: Path | None = None
+    resume_state: LoopState | None = None
+    if cfg.resume:
+        # A resumed run continues with the configuration it started with, into the same MLflow run.
+        resume_dir = resolve_resume(cfg.resume, cfg.tracking.tracking_uri)
+        resume_state = load_state(resume_dir)
+        saved = yaml.safe_load((resume_dir / "config.yaml").read_text())
+        saved["resume"] = cfg.resume
+        cfg = config_from_dict(CVSConfig, saved)
+
+    accelerator = make_accelerator(cfg.train)
+    if cfg.train.batch_size % accelerator.num_processes:
+        raise ConfigError(
+            f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the "
+            f"number of processes ({accelerator.num_processes})"
+        )
+    torch.manual_seed(cfg.seed)
+    run_name = run_name_for(cfg)
+    with tracked_run(
+        cfg.tracking,
+        recipe=RECIPE,
+        run_name=run_name,
+        is_main_process=accelerator.is_main_process,
+        resume_run_id=resume_state.run_id if resume_state else None,
+    ) as run_logger:
+        # -- 1. data --------------------------------------------------------------------------------------------
+        splits, dataset_name = load_cvs_splits(cfg.data)
+
+        # -- 2. model: frozen backbone + attentive head (+ LoRA / unfrozen blocks) ------------------------------
+        model = build_cvs_model(cfg.model, num_frames=cfg.data.clip_frames)
+        backbone = model.backbone
+        trainable, total = count_parameters(model)
+        pixel_sets = {
+            name: ClipDataset(records, backbone.image_size, backbone.mean, backbone.std)
+            for name, records in splits.items()
+        }
+
+        # -- 3. what this run is: config, tags, run card --------------------------------------------------------
+        run_id = run_logger.run_id
+        output_dir = Path(cfg.output_dir) / f"{run_name}-{(run_id or 'local')[:8]}"
+        config_yaml = yaml.safe_dump({**config_to_dict(cfg), "resume": ""}, sort_keys=False)
+        if resume_state is None:
+            gate = f"{cfg.registry.promote_metric} {cfg.registry.promote_mode} +{cfg.registry.promote_margin:g}"
+            run_logger.log_params(flatten_config(cfg, prefix="cfg."))
+            run_logger.set_tags(
+                {
+                    "recipe": RECIPE,
+                    "dataset": dataset_name,
+                    "backbone": cfg.model.backbone,
+                    "adaptation": cfg.model.adaptation,
+                    "gate": gate,
+                    **provenance_tags(),
+                }
+            )
+            run_logger.log_dict(config_to_dict(cfg), "config/resolved_config.json")
+            run_logger.log_dict(
+                {
+                    "recipe": RECIPE,
+                    "run_name": run_name,
+                    "git": git_state(),
+                    "packages": package_versions(),
+                    "dataset": {
+                        "name": dataset_name,
+                        "manifest_sha256": {name: manifest_hash(r) for name, r in splits.items()},
+                        "label_sha256": {name: label_checksum(r) for name, r in splits.items()},
+                        "clips": {name: len(r) for name, r in splits.items()},
+                        "positive_rate": {
+                            name: dict(zip(CVS_CRITERIA, ds.labels.mean(axis=0).round(4).tolist(), strict=True))
+                            for name, ds in pixel_sets.items()
+                        },
+                    },
+                    "backbone": {
+                        "name": backbone.name,
+                        "revision": backbone.revision,
+                        "fingerprint": backbone.fingerprint(),
+                    },
+                    "parameters": {
+                        "trainable": trainable,
+                        "total": total,
+                        "trainable_fraction": trainable / max(total, 1),
+                    },
+                    "seed": cfg.seed,
+                    "hardware": hardware_info(accelerator.num_processes, cfg.train.mixed_precision),
+                },
+                "run_card.json",
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                config_path = Path(tmp) / "config.yaml"
+                config_path.write_text(config_yaml)
+                run_logger.log_artifact(config_path, "config")
+            run_logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+
+        # -- 4. inputs: cached backbone tokens when nothing upstream of the head trains --------------------------
+        use_cache = (
+            cfg.data.feature_cache
+            and trainable == count_parameters(model.head)[0]
+            and cfg.data.mixup_alpha == 0
+            and cfg.data.cutmix_alpha == 0
+        )
+        if use_cache:
+            cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+            train_inputs = {}
+            for name, ds in pixel_sets.items():
+                tokens, _ = cached_tokens(
+                    backbone.to(accelerator.device),
+                    ds,
+                    key_parts={
+                        "backbone": backbone.fingerprint(),
+                        "image_size": backbone.image_size,
+                        "mean": backbone.mean,
+                        "std": backbone.std,
+                        "clip_frames": cfg.data.clip_frames,
+                        "manifest": manifest_hash(splits[name]),
+                    },
+                    cache_dir=cache_dir,
+                    accelerator=accelerator,
+                    batch_size=cfg.train.batch_size,
+                )
+                train_inputs[name] = TokenDataset(tokens, torch.as_tensor(ds.labels, dtype=torch.float32))
+        else:
+            train_inputs = pixel_sets
+        run_logger.set_tags({"feature_cache": str(use_cache)})
+
+        sampler = EpochSampler(
+            len(train_inputs["train"]),
+            seed=cfg.seed,
+            weights=class_balanced_weights(pixel_sets["train"].labels)
+            if cfg.data.sampler == "class_balanced"
+            else None,
+        )
+        loader_kwargs = {"batch_size": cfg.train.batch_size, "num_workers": cfg.train.num_workers}
+        train_loader = torch.utils.data.DataLoader(
+            train_inputs["train"], sampler=sampler, drop_last=True, **loader_kwargs
+        )
+        val_loader = torch.utils.data.DataLoader(train_inputs["val"], shuffle=False, **loader_kwargs)
+        if len(train_loader) == 0:
+            raise ConfigError(
+                f"config key 'train.batch_size' ({cfg.train.batch_size}) exceeds the "
+                f"{len(train_inputs['train'])} training clips"
+            )
+
+        # -- 5. optimisation: AdamW groups (head lr / backbone lr), warmup + cosine -----------------------------
+        loss_fn = MultiLabelLoss(
+            cfg.loss.kind,
+            pos_weight=cfg.loss.pos_weight or None,
+            focal_alpha=cfg.loss.focal_alpha,
+            focal_gamma=cfg.loss.focal_gamma,
+            label_smoothing=cfg.loss.label_smoothing,
+        )
+        groups = parameter_groups(
+            model, head_lr=cfg.train.lr, backbone_lr=cfg.train.backbone_lr, weight_decay=cfg.train.weight_decay
+        )
+        optimizer = build_optimizer(groups)
+        steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), cfg.train.grad_accum_steps)
+        staged_steps = cfg.model.stage1_epochs * steps_per_epoch if cfg.model.adaptation == "staged" else 0
+        scheduler = build_scheduler(
+            optimizer,
+            name=cfg.train.scheduler,
+            num_training_steps=cfg.train.epochs * steps_per_epoch,
+            warmup_ratio=cfg.train.warmup_ratio,
+            frozen_steps_by_group=[staged_steps if g["name"].startswith("backbone") else 0 for g in groups],
+        )
+        if resume_dir is not None:
+            load_trainable_state_dict(model, load_trainable(resume_dir))
+            restore_optimization(resume_dir, optimizer, scheduler)
+            logger.info("resumed from %s after epoch %d", resume_dir, resume_state.epoch)
+        model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, val_loader, scheduler
+        )
+        loss_fn = loss_fn.to(accelerator.device)
+
+        # -- 6. one training step: (MixUp/CutMix) → logits → loss -----------------------------------------------
+        def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
+            targets = batch["labels"]
+            inputs = _collate_inputs(batch)
+            soft_targets = targets
+            if "pixel_values" in inputs and (cfg.data.mixup_alpha or cfg.data.cutmix_alpha):
+                inputs["pixel_values"], soft_targets = mix_clips(
+                    inputs["pixel_values"], targets, mixup_alpha=cfg.data.mixup_alpha,
+                    cutmix_alpha=cfg.data.cutmix_alpha, generator=generator,
+                )  # fmt: skip
+            logits = model(**inputs).logits
+            return StepOutput(loss_fn(logits, soft_targets), torch.sigmoid(logits), targets)
+
+        # -- 7. evaluation: loss, AP per criterion, mAP, attention entropy on a fixed subset --------------------
+        entropy_batch = torch.stack(
+            [pixel_sets["val"][i]["pixel_values"] for i in range(min(cfg.data.entropy_clips, len(pixel_sets["val"])))]
+        )
+        frozen_backbone_entropy: dict[str, float] = {}
+
+        @torch.no_grad()
+        def attention_entropies(model: torch.nn.Module) -> dict[str, float]:
+            net = accelerator.unwrap_model(model)
+            pixels = entropy_batch.to(accelerator.device)
+            out = net(pixel_values=pixels, output_attentions=True)
+            result = {}
+            if out.pooler_attention is not None:
+                result["entropy/pooler"] = attention_entropy_percent(out.pooler_attention)
+            if frozen_backbone_entropy:  # a frozen backbone's attention never changes: measured once
+                return {**result, **frozen_backbone_entropy}
+            layers = layer_entropies_percent(out.backbone_attentions) if out.backbone_attentions else []
+            backbone_entropy = {f"entropy/backbone_layer_{i}": v for i, v in enumerate(layers)}
+            if layers:
+                backbone_entropy["entropy/backbone_mean"] = float(np.mean(layers))
+            if use_cache:
+                frozen_backbone_entropy.update(backbone_entropy)
+            return {**result, **backbone_entropy}
+
+        @torch.no_grad()
+        def predict(model: torch.nn.Module, loader: Any) -> tuple[np.ndarray, np.ndarray, float]:
+            scores, targets, losses, counts = [], [], [], []
+            for batch in loader:
+                logits = model(**_collate_inputs(batch)).logits
+                loss = loss_fn(logits, batch["labels"])
+                logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+                scores.append(torch.sigmoid(logits).float().cpu().numpy())
+                targets.append(labels.float().cpu().numpy())
+                losses.append(loss.item() * len(batch["labels"]))
+                counts.append(len(batch["labels"]))
+            return np.concatenate(scores), np.concatenate(targets), float(np.sum(losses) / max(np.sum(counts), 1))
+
+        def evaluate(model: torch.nn.Module, split: str = "val", loader: Any = None) -> dict[str, float]:
+            scores, targets, loss = predict(model, loader or val_loader)
+            metrics = {f"{split}/{k}": v for k, v in classification_metrics(scores, targets).items()}
+            metrics[f"{split}/loss"] = loss
+            if split == "val":
+                metrics.update(attention_entropies(model))
+            return metrics
+
+        # -- 8. train ---------------------------------------------------------------------------------------------
+        checkpoint_dir = output_dir / "checkpoints"
+
+        def on_checkpoint(path: Path, kind: str) -> None:
+            run_logger.log_artifacts(path, f"checkpoints/{kind}")
+
+        state = resume_state or LoopState(run_id=run_id)
+        state.run_id = run_id
+        state = fit(
+            accelerator=accelerator,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_loader=train_loader,
+            train_step=train_step,
+            train_metrics=classification_metrics,
+            evaluate=evaluate,
+            cfg=cfg.train,
+            seed=cfg.seed,
+            run_logger=run_logger,
+            checkpoint_dir=checkpoint_dir,
+            config_yaml=config_yaml,
+            trainable_state=lambda: trainable_state_dict(accelerator.unwrap_model(model)),
+            state=state,
+            on_checkpoint=on_checkpoint,
+        )
+
+        # -- 9. the best checkpoint: final evaluation, predictions, plots ---------------------------------------
+        accelerator.wait_for_everyone()
+        net = accelerator.unwrap_model(model)
+        if accelerator.is_main_process:
+            load_trainable_state_dict(net, load_trainable(checkpoint_dir / "best"))
+        if accelerator.num_processes > 1:
+            _broadcast_trainable(net)  # only the main process wrote the best checkpoint
+        final_metrics: dict[str, float] = {}
+        val_scores, val_targets, _ = predict(model, val_loader)
+        final_metrics.update({f"final/val_{k}": v for k, v in classification_metrics(val_scores, val_targets).items()})
+        if "test" in train_inputs:
+            test_loader = accelerator.prepare(
+                torch.utils.data.DataLoader(train_inputs["test"], shuffle=False, **loader_kwargs)
+            )
+            test_scores, test_targets, _ = predict(model, test_loader)
+            final_metrics.update(
+                {f"final/test_{k}": v for k, v in classification_metrics(test_scores, test_targets).items()}
+            )
+        result = CVSResult(
+            run_id=run_id, state=state, final_metrics=final_metrics, used_feature_cache=use_cache, output_dir=output_dir
+        )
+        if not accelerator.is_main_process:
+            return result
+
+        run_logger.log_metrics(final_metrics, step=state.global_step)
+        run_logger.log_metrics({"best_epoch": state.best_epoch}, step=state.global_step)
+        save_lora_adapter(net, checkpoint_dir / "best" / "lora_adapter")
+        _log_predictions(run_logger, splits["val"], val_scores, val_targets)
+        _log_plots(run_logger, state.history, val_scores, val_targets)
+
+        # -- 10. registry: candidate, then the promotion gate -----------------------------------------------------
+        if cfg.registry.register:
+            run_logger.flush()
+            version = log_and_register(
+                cfg.registry,
+                checkpoint_dir=checkpoint_dir / "best",
+                recipe=RECIPE,
+                run_id=run_id,
+                metric_value=state.best_value,
+                extra_tags={
+                    "backbone": cfg.model.backbone,
+                    "adaptation": cfg.model.adaptation,
+                    "dataset": dataset_name,
+                    "best_epoch": str(state.best_epoch),
+                },
+            )
+            decision = promote_if_better(cfg.registry, version.version)
+            run_logger.set_tags(
+                {"registered_version": version.version, "promotion": "promoted" if decision.promoted else "rejected"}
+            )
+            result.model_version, result.promoted = str(version.version), decision.promoted
+        logger.info(
+            "done: run %s, best %s %.4f at epoch %d", run_id, cfg.train.monitor, state.best_value, state.best_epoch
+        )
+        return result
+
+
+def _broadcast_trainable(model: torch.nn.Module) -> None:
+    """Copy the main process's trainable weights to every rank."""
+    from accelerate.utils import broadcast
+
+    for param in (p for p in model.parameters() if p.requires_grad):
+        param.data.copy_(broadcast(param.data.clone(), from_process=0))
+
+
+def _log_predictions(run_logger: Any, records: list, scores: np.ndarray, targets: np.ndarray) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "val_predictions.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(
+                ["clip_id", "video_id", "frame_num"]
+                + [f"label_{c}" for c in CVS_CRITERIA]
+                + [f"prob_{c}" for c in CVS_CRITERIA]
+            )
+            for record, score, target in zip(records, scores, targets, strict=True):
+                writer.writerow(
+                    [record.clip_id, record.video_id, record.frame_num]
+                    + [int(t) for t in target]
+                    + [f"{s:.6f}" for s in score]
+                )
+        run_logger.log_artifact(path, "predictions")
+
+
+def _log_plots(run_logger: Any, history: list[dict[str, float]], scores: np.ndarray, targets: np.ndarray) -> None:
+    run_logger.log_figure(
+        plots.training_curves(
+            history,
+            {
+                "loss": ["train/loss", "val/loss"],
+                "mAP": ["train/mAP", "val/mAP"],
+                "val AP per criterion": [f"val/AP_{c}" for c in CVS_CRITERIA],
+                "attention entropy (%)": ["entropy/pooler", "entropy/backbone_mean"],
+            },
+        ),
+        "plots/training_curves.png",
+    )
+    run_logger.log_figure(plots.precision_recall_curves(targets, scores, CVS_CRITERIA), "plots/val_pr_curves.png")
+    last = history[-1]
+    entropies = {
+        k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("entropy/") and k != "entropy/backbone_mean"
+    }
+    if entropies:
+        run_logger.log_figure(plots.entropy_per_layer(entropies), "plots/attention_entropy.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference from a registered model (used by the pyfunc wrapper)
+# ----------------------------------------------------------------------------------------------------------------
+def load_classifier(checkpoint_dir: str | Path) -> tuple[VideoClassifier, CVSConfig]:
+    """Rebuild the trained classifier from a checkpoint folder (config.yaml + trainable.safetensors)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    cfg = load_cvs_config(checkpoint_dir / "config.yaml")
+    model = build_cvs_model(cfg.model, num_frames=cfg.data.clip_frames)
+    load_trainable_state_dict(model, load_trainable(checkpoint_dir))
+    return model.eval(), cfg
+
+
+def load_predictor(checkpoint_dir: str | Path) -> Any:
+    """Callable: clips (B, T, 3, S, S) float array, normalised as the backbone expects → DataFrame of P(criterion)."""
+    import pandas as pd
+
+    model, _ = load_classifier(checkpoint_dir)
+
+    @torch.no_grad()
+    def predict(clips: Any) -> pd.DataFrame:
+        pixels = torch.as_tensor(np.asarray(clips), dtype=torch.float32)
+        probs = torch.sigmoid(model(pixel_values=pixels).logits).numpy()
+        return pd.DataFrame(probs, columns=[f"prob_{c}" for c in CVS_CRITERIA])
+
+    return predict

@@ -1,0 +1,26 @@
+"""Experiment tracking: the MLflow run, provenance tags, run card, plots."""
+
+from avlm.tracking.mlflow_logger import (
+    DEFAULT_TRACKING_URI,
+    MLflowLogger,
+    NullLogger,
+    TrackingConfig,
+    resolve_tracking_uri,
+    to_float,
+    tracked_run,
+)
+from avlm.tracking.provenance import git_state, hardware_info, package_versions, provenance_tags
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "MLflowLogger",
+    "NullLogger",
+    "TrackingConfig",
+    "git_state",
+    "hardware_info",
+    "package_versions",
+    "provenance_tags",
+    "resolve_tracking_uri",
+    "to_float",
+    "tracked_run",
+]

@@ -1,0 +1,174 @@
+"""The built-in demo data: deterministic, cached, in the Endoscapes layout, with the real label mix."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from avlm.data import DEMO_VERSION, ensure_cvs_demo, load_endoscapes
+from avlm.data import cvs_demo as demo_module
+from avlm.data.cvs_demo import COMPLETE_MARKER, SPLIT_VIDEOS
+
+SPLITS = ("train", "val", "test")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    start = time.perf_counter()
+    folder = ensure_cvs_demo(tmp_path_factory.mktemp("cache"), seed=0)
+    return folder, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def demo(generated: tuple[Path, float]) -> Path:
+    return generated[0]
+
+
+@pytest.fixture(scope="module")
+def records(demo: Path) -> dict:
+    return load_endoscapes(demo)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_folder_name_and_quick_generation(generated: tuple[Path, float]) -> None:
+    folder, seconds = generated
+    assert folder.name == f"cvs_demo_{DEMO_VERSION}_s0_32px"
+    assert (folder / COMPLETE_MARKER).is_file()
+    # About 2 s on 2 cores; the bound leaves room for a busy CI machine.
+    assert seconds < 30
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 20e6
+
+
+def test_same_seed_is_byte_identical(demo: Path, tmp_path: Path) -> None:
+    again = ensure_cvs_demo(tmp_path, seed=0)
+    assert again != demo
+    first, second = tree_digest(demo), tree_digest(again)
+    assert first == second
+    assert len([name for name in first if name.endswith(".jpg")]) > 3000
+
+
+def test_other_seed_differs(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One small video per split keeps this fast; only the labels' source of randomness is compared.
+    monkeypatch.setattr(demo_module, "SPLIT_VIDEOS", {"train": range(1, 2), "val": range(2, 3), "test": range(3, 4)})
+    a = ensure_cvs_demo(tmp_path / "a", seed=0)
+    b = ensure_cvs_demo(tmp_path / "b", seed=1)
+    annotation = Path("train") / "annotation_ds_coco.json"
+    assert (a / annotation).read_bytes() != (b / annotation).read_bytes()
+
+
+def test_layout_matches_endoscapes(demo: Path, records: dict) -> None:
+    for split in SPLITS:
+        videos = sorted({r.video_id for r in records[split]})
+        assert videos == list(SPLIT_VIDEOS[split])
+        assert (demo / f"{split}_vids.txt").read_text().split() == [str(v) for v in SPLIT_VIDEOS[split]]
+        coco = json.loads((demo / split / "annotation_ds_coco.json").read_text())
+        assert len(coco["images"]) == len(records[split])
+        for video in videos:
+            frames = sorted(r.frame_num for r in records[split] if r.video_id == video)
+            assert 10 <= len(frames) <= 14
+            assert all(f % 25 == 0 for f in frames)
+            assert set(np.diff(frames)) == {125}  # a keyframe every 5 s
+            # Every 1 fps frame up to the last keyframe is on disk, labelled or not.
+            on_disk = sorted(int(p.stem.split("_")[1]) for p in (demo / split).glob(f"{video}_*.jpg"))
+            assert on_disk == list(range(frames[0] - 50, frames[-1] + 1, 25))
+    image = Image.open(records["train"][0].frame_paths[-1])
+    assert (image.format, image.size, image.mode) == ("JPEG", (32, 32), "RGB")
+    # The first keyframe of a video has 2 earlier frames only: its default 4-frame clip is padded.
+    first = records["train"][0]
+    assert first.frame_paths[0] == first.frame_paths[1] != first.frame_paths[2]
+
+
+def test_label_mix_resembles_endoscapes(records: dict) -> None:
+    labels = np.array([r.labels for split in SPLITS for r in records[split]])
+    scores = np.array([r.scores for split in SPLITS for r in records[split]])
+    assert abs((labels.sum(axis=1) == 0).mean() - 0.74) <= 0.06
+    rates = labels.mean(axis=0)
+    np.testing.assert_allclose(rates, [0.146, 0.105, 0.168], atol=0.03)
+    assert rates.argmin() == 1  # C2 is the rarest
+    assert (labels.sum(axis=1) >= 2).mean() > 0.05
+    for split in SPLITS:  # every split, not just the union, carries the mix
+        split_rates = np.array([r.labels for r in records[split]]).mean(axis=0)
+        np.testing.assert_allclose(split_rates, [0.146, 0.105, 0.168], atol=0.03)
+    # Annotator means; a positive has 2 or 3 votes, a negative 0 or 1.
+    assert set(np.round(scores.ravel(), 6)) == {0.0, 0.333333, 0.666667, 1.0}
+    assert np.array_equal(labels, (scores >= 0.5).astype(int))
+
+
+def test_patterns_are_visible(records: dict) -> None:
+    """C3 (two blue blobs) leaves strongly blue pixels on its keyframes; keyframes without any C3 vote have few."""
+
+    def blue_pixels(path: str) -> int:
+        rgb = np.asarray(Image.open(path), dtype=int)
+        return int(((rgb[..., 2] > 160) & (rgb[..., 0] < 110) & (rgb[..., 1] < 140)).sum())
+
+    train = records["train"]
+    positive = np.mean([blue_pixels(r.frame_paths[-1]) for r in train if r.scores[2] == 1.0])
+    negative = np.mean([blue_pixels(r.frame_paths[-1]) for r in train if r.scores[2] == 0.0])
+    assert positive > 5 * max(negative, 1.0)
+
+
+def test_second_call_reuses(demo: Path) -> None:
+    marker = demo / COMPLETE_MARKER
+    frame = next((demo / "val").glob("*.jpg"))
+    stamps = (marker.stat().st_mtime_ns, frame.stat().st_mtime_ns)
+    start = time.perf_counter()
+    assert ensure_cvs_demo(demo.parent, seed=0) == demo
+    assert time.perf_counter() - start < 0.5
+    assert (marker.stat().st_mtime_ns, frame.stat().st_mtime_ns) == stamps
+
+
+def test_default_root_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AVLM_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / f"cvs_demo_{DEMO_VERSION}_s3_48px"
+    folder.mkdir()
+    (folder / COMPLETE_MARKER).write_text("{}")
+    assert ensure_cvs_demo(seed=3, image_size=48) == folder
+
+
+def test_crash_leaves_no_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real_write_video = demo_module._write_video
+
+    def write_video_then_crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return real_write_video(*args, **kwargs)
+
+    monkeypatch.setattr(demo_module, "_write_video", write_video_then_crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ensure_cvs_demo(tmp_path, seed=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incomplete_folder_is_regenerated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo_module, "SPLIT_VIDEOS", {"train": range(1, 2), "val": range(2, 3), "test": range(3, 4)})
+    half = tmp_path / f"cvs_demo_{DEMO_VERSION}_s0_32px"
+    (half / "train").mkdir(parents=True)
+    (half / "train" / "1_0.jpg").write_bytes(b"partial")
+    folder = ensure_cvs_demo(tmp_path, seed=0)
+    assert folder == half and (folder / COMPLETE_MARKER).is_file()
+    assert len(load_endoscapes(folder)["train"]) >= 10
+
+
+def test_image_size_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo_module, "SPLIT_VIDEOS", {"train": range(1, 2), "val": range(2, 3), "test": range(3, 4)})
+    folder = ensure_cvs_demo(tmp_path, seed=0, image_size=64)
+    assert folder.name.endswith("_64px")
+    assert Image.open(next((folder / "test").glob("*.jpg"))).size == (64, 64)
+    with pytest.raises(ValueError, match="image_size"):
+        ensure_cvs_demo(tmp_path, image_size=8)

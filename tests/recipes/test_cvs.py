@@ -1,0 +1,229 @@
+"""train_cvs end to end, in-process: what lands in MLflow and the registry, learning, cache and resume equivalence."""
+
+import importlib.metadata
+import warnings
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from avlm.data import CVS_CRITERIA
+from avlm.recipes import cvs
+
+TINY = [
+    "tracking.system_metrics=false",
+    "model.head_hidden=32",
+    "model.head_queries=2",
+    "model.head_heads=2",
+    "data.entropy_clips=4",
+    "train.batch_size=16",
+]
+
+
+def run(*overrides, path="examples/cvs/demo.yaml"):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / path
+    return cvs.main(cvs.load_cvs_config(config, [*TINY, *overrides]))
+
+
+def artifact_paths(client, run_id, path=""):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found.extend(artifact_paths(client, run_id, item.path) if item.is_dir else [item.path])
+    return found
+
+
+def version_stage(name, version):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MlflowClient().get_model_version(name, version).current_stage
+
+
+def test_run_logs_params_metrics_artifacts_and_registers(mlflow_store):
+    result = run("train.epochs=3", "seed=3")
+    client = MlflowClient()
+    mlflow_run = client.get_run(result.run_id)
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.info.run_name == "cvs-vjepa2-tiny-frozen-seed3"
+    tags = mlflow_run.data.tags
+    assert (tags["recipe"], tags["dataset"], tags["backbone"], tags["adaptation"]) == (
+        "cvs", "cvs-demo", "vjepa2-tiny", "frozen",
+    )  # fmt: skip
+    assert tags["feature_cache"] == "True" and tags["avlm.git_commit"]
+    assert tags["versions.torch"] == importlib.metadata.version("torch")
+    params = mlflow_run.data.params
+    assert params["cfg.train.epochs"] == "3" and params["cfg.seed"] == "3"
+    assert params["cfg.model.backbone"] == "vjepa2-tiny" and params["cfg.registry.name"] == "avlm-cvs"
+
+    metrics = mlflow_run.data.metrics
+    expected = {
+        "train/loss",
+        "val/loss",
+        "train/mAP",
+        "val/mAP",
+        "train_val_gap/mAP",
+        "lr",
+        "epoch",
+        "entropy/pooler",
+        "entropy/backbone_layer_0",
+        "entropy/backbone_layer_1",
+        "entropy/backbone_mean",
+        "final/val_mAP",
+        "final/test_mAP",
+        "params/trainable",
+        "params/total",
+        "train/step_loss",
+    }
+    expected |= {f"val/AP_{c}" for c in CVS_CRITERIA} | {f"train/AP_{c}" for c in CVS_CRITERIA}
+    assert expected <= set(metrics), expected - set(metrics)
+    assert len(client.get_metric_history(result.run_id, "val/mAP")) == 3
+    assert 0 < metrics["entropy/backbone_layer_0"] <= 100 and 0 < metrics["entropy/pooler"] <= 100
+    history = result.state.history
+    assert metrics["val/mAP"] == pytest.approx(history[-1]["val/mAP"])
+    assert metrics["train_val_gap/mAP"] == pytest.approx(history[-1]["train/mAP"] - history[-1]["val/mAP"])
+    assert metrics["final/val_mAP"] == pytest.approx(result.state.best_value)
+
+    artifacts = set(artifact_paths(client, result.run_id))
+    for path in [
+        "config/config.yaml",
+        "config/resolved_config.json",
+        "run_card.json",
+        "plots/training_curves.png",
+        "plots/val_pr_curves.png",
+        "plots/attention_entropy.png",
+        "predictions/val_predictions.csv",
+        "checkpoints/best/trainable.safetensors",
+        "checkpoints/last/optimizer.safetensors",
+        "checkpoints/last/state.json",
+    ]:
+        assert path in artifacts, path
+    card = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/run_card.json")
+    assert card["parameters"]["trainable"] < card["parameters"]["total"]
+    assert len(card["dataset"]["manifest_sha256"]["train"]) == 64 and card["seed"] == 3
+    assert card["backbone"]["name"] == "vjepa2-tiny"
+
+    # registry: candidate + champion (first version), stage Production, evidence on the version
+    version = client.get_model_version_by_alias("avlm-cvs", "champion")
+    assert str(version.version) == result.model_version == "1" and result.promoted
+    assert set(version.aliases) == {"candidate", "champion"}
+    assert version_stage("avlm-cvs", "1") == "Production"
+    assert version.run_id == result.run_id
+    assert float(version.tags["avlm.metric_value"]) == pytest.approx(result.state.best_value)
+    assert version.tags["promotion.decision"] == "promoted"
+
+    # the registered pyfunc rebuilds the model from config + trainable weights and predicts like it
+    model = mlflow.pyfunc.load_model("models:/avlm-cvs@champion")
+    splits, _ = cvs.load_cvs_splits(cvs.CVSDataConfig())
+    classifier, cfg = cvs.load_classifier(
+        mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/checkpoints/best")
+    )
+    dataset = cvs.ClipDataset(splits["val"][:3], 32, classifier.backbone.mean, classifier.backbone.std)
+    clips = torch.stack([dataset[i]["pixel_values"] for i in range(3)]).numpy()
+    predicted = model.predict(clips)
+    with torch.no_grad():
+        expected_probs = torch.sigmoid(classifier(pixel_values=torch.as_tensor(clips)).logits).numpy()
+    np.testing.assert_allclose(predicted[[f"prob_{c}" for c in CVS_CRITERIA]].to_numpy(), expected_probs, atol=1e-6)
+
+
+def test_worse_run_does_not_take_champion_better_one_does(mlflow_store):
+    first = run("train.epochs=5", "registry.promote_margin=0.0")
+    assert first.promoted
+    worse = run("train.epochs=1", "train.lr=1e-6", "registry.promote_margin=0.0")
+    assert worse.state.best_value < first.state.best_value and worse.promoted is False
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("avlm-cvs", "champion").version) == first.model_version
+    assert str(client.get_model_version_by_alias("avlm-cvs", "candidate").version) == worse.model_version
+    rejected = client.get_model_version("avlm-cvs", worse.model_version).tags
+    assert rejected["promotion.decision"] == "rejected"
+    assert rejected["promotion.compared_run_ids"] == f"{worse.run_id},{first.run_id}"
+    better = run("registry.promote_margin=0.0")  # the full demo schedule
+    assert better.state.best_value > first.state.best_value and better.promoted
+    assert str(client.get_model_version_by_alias("avlm-cvs", "champion").version) == better.model_version
+    assert version_stage("avlm-cvs", first.model_version) == "Archived"
+    assert version_stage("avlm-cvs", better.model_version) == "Production"
+
+
+def test_demo_model_learns_well_above_prevalence(mlflow_store):
+    result = run("registry.register=false")
+    splits, _ = cvs.load_cvs_splits(cvs.CVSDataConfig())
+    prevalence = np.array([r.labels for r in splits["val"]]).mean(axis=0).mean()
+    # a random ranking's AP is the prevalence (~0.14 here); the demo head must beat it by far
+    assert result.state.best_value > prevalence + 0.2, (result.state.best_value, prevalence)
+    assert result.final_metrics["final/test_mAP"] > prevalence + 0.15
+
+
+def test_feature_cache_gives_the_same_training_as_the_pixel_path(mlflow_store):
+    cached = run("train.epochs=2", "registry.register=false", "seed=5")
+    uncached = run("train.epochs=2", "registry.register=false", "seed=5", "data.feature_cache=false")
+    assert cached.used_feature_cache and not uncached.used_feature_cache
+    for a, b in zip(cached.state.history, uncached.state.history, strict=True):
+        for key in ("train/loss", "val/loss", "val/mAP", "val/AP_C2", "entropy/pooler"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+def test_resume_after_a_crash_reaches_the_same_result(mlflow_store, monkeypatch):
+    from avlm.train import loop
+
+    settings = (
+        "train.epochs=4",
+        "registry.register=false",
+        "data.feature_cache=false",
+        "model.head_dropout=0.2",
+        "data.mixup_alpha=0.4",
+        "seed=7",
+    )
+    reference = run(*settings)
+
+    real_epoch_seed = loop.epoch_seed
+
+    def crash_at_third_epoch(seed, epoch):
+        if epoch == 2:
+            raise RuntimeError("simulated crash")
+        return real_epoch_seed(seed, epoch)
+
+    monkeypatch.setattr(loop, "epoch_seed", crash_at_third_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(*settings)
+    client = MlflowClient()
+    crashed = client.search_runs(
+        client.get_experiment_by_name("avlm-cvs").experiment_id, order_by=["attributes.start_time DESC"]
+    )[0]
+    assert crashed.info.status == "FAILED"
+    monkeypatch.setattr(loop, "epoch_seed", real_epoch_seed)
+
+    resumed = run(f"resume={crashed.info.run_id}")
+    assert resumed.run_id == crashed.info.run_id
+    assert client.get_run(crashed.info.run_id).info.status == "FINISHED"
+    assert len(client.get_metric_history(crashed.info.run_id, "val/mAP")) == 4
+    assert [r["epoch"] for r in resumed.state.history] == [1, 2, 3, 4]
+    for a, b in zip(reference.state.history, resumed.state.history, strict=True):
+        for key in ("train/loss", "val/loss", "val/mAP", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["epoch"], key)
+    assert resumed.final_metrics == pytest.approx(reference.final_metrics, abs=1e-6)
+
+
+def test_lora_and_staged_runs_train_only_what_they_should(mlflow_store):
+    lora = run(
+        "model.adaptation=lora", "model.lora_r=4", "train.epochs=1", "registry.register=false", "data.limit_clips=48"
+    )
+    assert not lora.used_feature_cache
+    lora_keys = set(load_file(str(lora.output_dir / "checkpoints/best/trainable.safetensors")))
+    backbone_keys = {k for k in lora_keys if k.startswith("backbone.")}
+    assert backbone_keys and all("lora_" in k for k in backbone_keys)
+    assert not any("predictor" in k for k in lora_keys) and any(k.startswith("head.") for k in lora_keys)
+
+    staged = run(
+        "model.adaptation=staged",
+        "model.stage1_epochs=1",
+        "train.epochs=2",
+        "registry.register=false",
+        "data.limit_clips=48",
+        "model.unfreeze_last_n=1",
+    )
+    staged_keys = set(load_file(str(staged.output_dir / "checkpoints/best/trainable.safetensors")))
+    assert {k.split(".")[4] for k in staged_keys if k.startswith("backbone.model.encoder.layer.")} == {"1"}
+    assert not staged.used_feature_cache

@@ -1,0 +1,77 @@
+import warnings
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from avlm.registry import METRIC_VALUE_TAG, RegistryConfig, current_champion, promote_if_better
+
+
+def add_version(name, value):
+    """A registered version whose run logged `value` as its best val/mAP (what log_and_register tags)."""
+    with mlflow.start_run() as run:
+        mlflow.log_metric("best/val/mAP", value)
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id)
+    client.set_model_version_tag(name, version.version, METRIC_VALUE_TAG, repr(value))
+    return str(version.version), run.info.run_id
+
+
+def stage(name, version):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MlflowClient().get_model_version(name, version).current_stage
+
+
+def test_promotion_gate_with_margin_keeps_an_audit_trail(mlflow_store):
+    cfg = RegistryConfig(name="gate-test", promote_metric="val/mAP", promote_margin=0.01)
+    client = MlflowClient()
+
+    v1, run1 = add_version(cfg.name, 0.50)
+    first = promote_if_better(cfg, v1)
+    assert first.promoted and first.reason == "no current champion"
+    assert str(current_champion(cfg.name).version) == v1 and stage(cfg.name, v1) == "Production"
+
+    v2, run2 = add_version(cfg.name, 0.45)  # worse
+    second = promote_if_better(cfg, v2)
+    assert not second.promoted and str(current_champion(cfg.name).version) == v1
+    tags = client.get_model_version(cfg.name, v2).tags
+    assert tags["promotion.decision"] == "rejected"
+    assert tags["promotion.champion_version"] == v1 and tags["promotion.champion_value"] == "0.5"
+    assert tags["promotion.compared_run_ids"] == f"{run2},{run1}"
+    assert tags["promotion.metric"] == "val/mAP" and tags["promotion.margin"] == "0.01"
+    assert "@" in tags["promotion.by"] and tags["promotion.at"].endswith("+00:00")
+    assert stage(cfg.name, v2) == "None"
+
+    v3, _ = add_version(cfg.name, 0.505)  # better, but not by the margin
+    assert not promote_if_better(cfg, v3).promoted
+    assert str(current_champion(cfg.name).version) == v1
+
+    v4, _ = add_version(cfg.name, 0.52)  # better by more than the margin
+    fourth = promote_if_better(cfg, v4)
+    assert fourth.promoted and fourth.champion_version == v1
+    assert str(current_champion(cfg.name).version) == v4
+    assert stage(cfg.name, v4) == "Production" and stage(cfg.name, v1) == "Archived"
+    assert client.get_model_version(cfg.name, v1).tags["promotion.superseded_by"] == v4
+    assert client.get_model_version(cfg.name, v4).tags["promotion.decision"] == "promoted"
+
+
+def test_min_mode_prefers_lower_values(mlflow_store):
+    cfg = RegistryConfig(name="loss-gate", promote_metric="val/loss", promote_mode="min")
+    v1, _ = add_version(cfg.name, 0.30)
+    promote_if_better(cfg, v1)
+    v2, _ = add_version(cfg.name, 0.20)
+    assert promote_if_better(cfg, v2).promoted
+
+
+def test_negative_margin_is_refused():
+    from avlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="registry.promote_margin"):
+        RegistryConfig(promote_margin=-0.1)

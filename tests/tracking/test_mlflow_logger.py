@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from avlm.tracking import NullLogger, TrackingConfig, tracked_run
+
+
+def test_batched_metrics_all_arrive_with_steps_and_scalar_types(mlflow_store):
+    cfg = TrackingConfig(experiment="t", system_metrics=False, flush_every_s=60)
+    with tracked_run(cfg, recipe="test", run_name="r1", is_main_process=True) as run_logger:
+        for step in range(1, 2501):
+            run_logger.log_metrics({"train/loss": torch.tensor(1.0 / step), "lr": np.float32(0.5)}, step=step)
+        run_logger.log_params({"cfg.a": 1, "cfg.b": [1, 2], "cfg.c": 1e-4})
+        run_id = run_logger.run_id
+    client = MlflowClient()
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, 2501))
+    assert history[9].value == pytest.approx(0.1)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "r1"
+    assert run.data.params == {"cfg.a": "1", "cfg.b": "[1, 2]", "cfg.c": "0.0001"}
+    assert client.get_experiment(run.info.experiment_id).name == "t"
+
+
+def test_exception_marks_run_failed_and_keeps_metrics(mlflow_store):
+    cfg = TrackingConfig(system_metrics=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracked_run(cfg, recipe="test", run_name="r2", is_main_process=True) as run_logger:
+            run_logger.log_metrics({"x": 1.0}, step=1)
+            run_id = run_logger.run_id
+            raise RuntimeError("boom")
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.metrics["x"] == 1.0
+    assert MlflowClient().get_experiment(run.info.experiment_id).name == "avlm-test"
+
+
+def test_attaches_to_the_run_mlflow_run_created(mlflow_store, monkeypatch):
+    client = MlflowClient()
+    launcher_run = client.create_run(client.create_experiment("launched"))
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher_run.info.run_id)
+    with tracked_run(TrackingConfig(system_metrics=False), recipe="test", run_name="cvs-x", is_main_process=True) as lg:
+        lg.log_metrics({"y": 2.0}, step=0)
+    assert lg.run_id == launcher_run.info.run_id
+    assert client.get_run(lg.run_id).data.metrics["y"] == 2.0
+    assert len(client.search_runs([launcher_run.info.experiment_id])) == 1
+
+
+def test_other_ranks_never_touch_mlflow(mlflow_store, monkeypatch):
+    import mlflow
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a non-main rank called MLflow")
+
+    monkeypatch.setattr(mlflow, "start_run", forbidden)
+    monkeypatch.setattr(mlflow, "set_tracking_uri", forbidden)
+    with tracked_run(TrackingConfig(), recipe="test", run_name="x", is_main_process=False) as run_logger:
+        assert isinstance(run_logger, NullLogger)
+        run_logger.log_metrics({"a": 1}, step=1)
+        run_logger.log_artifact("nonexistent")
