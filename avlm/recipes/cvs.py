@@ -534,12 +534,11 @@ def main(cfg: CVSConfig) -> CVSResult:
             scores, targets, losses, counts = [], [], [], []
             for batch in loader:
                 logits = model(**_collate_inputs(batch)).logits
-                loss = loss_fn(logits, batch["labels"])
                 logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
                 scores.append(torch.sigmoid(logits).float().cpu().numpy())
                 targets.append(labels.float().cpu().numpy())
-                losses.append(loss.item() * len(batch["labels"]))
-                counts.append(len(batch["labels"]))
+                losses.append(loss_fn(logits, labels).item() * len(labels))  # over all ranks' samples
+                counts.append(len(labels))
             return np.concatenate(scores), np.concatenate(targets), float(np.sum(losses) / max(np.sum(counts), 1))
 
         def evaluate(model: torch.nn.Module, split: str = "val", loader: Any = None) -> dict[str, float]:

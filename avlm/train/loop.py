@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -95,12 +96,25 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """Accelerator whose batches are the *global* batch split across processes (``split_batches``), so one
     process and N processes see the same samples per optimizer step and take the same steps."""
     from accelerate import DataLoaderConfiguration
+    from accelerate.state import AcceleratorState
 
+    # AcceleratorState is a process-wide singleton that refuses a second, different mixed-precision setting; a
+    # notebook or test calling a recipe twice must get a fresh one (the distributed PartialState is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
+        cpu=_cpu_only_multiprocess(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+
+
+def _cpu_only_multiprocess() -> bool:
+    """True under a plain ``torchrun`` on a machine without accelerators: accelerate then needs ``cpu=True`` to
+    set up gloo DDP (``accelerate launch`` with a MULTI_CPU config sets it by itself)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return world_size > 1 and not has_accelerator
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -227,3 +227,14 @@ def test_lora_and_staged_runs_train_only_what_they_should(mlflow_store):
     staged_keys = set(load_file(str(staged.output_dir / "checkpoints/best/trainable.safetensors")))
     assert {k.split(".")[4] for k in staged_keys if k.startswith("backbone.model.encoder.layer.")} == {"1"}
     assert not staged.used_feature_cache
+
+
+def test_timm_backbone_with_lora_bf16_and_accumulation_trains(mlflow_store):
+    result = run("model.backbone=timm-tiny", "model.adaptation=lora", "model.lora_targets=[qkv]", "model.lora_r=4",
+                 "train.epochs=2", "train.grad_accum_steps=2", "train.mixed_precision=bf16", "registry.register=false",
+                 "data.limit_clips=64")
+    keys = set(load_file(str(result.output_dir / "checkpoints/best/trainable.safetensors")))
+    assert any(".attn.qkv.lora_A" in k for k in keys) and not result.used_feature_cache
+    assert result.state.global_step == 2 * 2  # 64 clips / batch 16 = 4 micro-batches = 2 optimizer steps per epoch
+    metrics = MlflowClient().get_run(result.run_id).data.metrics
+    assert "entropy/backbone_layer_1" in metrics and np.isfinite(metrics["val/loss"])
