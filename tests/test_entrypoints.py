@@ -63,8 +63,17 @@ def test_mlproject_entry_point_maps_onto_the_config():
     assert required <= set(entry.parameters)
     train_cvs = load_entrypoint("train_cvs")
     assert set(entry.parameters) - {"config"} == set(train_cvs.SHORTCUTS)
-    samples = {"data_dir": "/data", "backbone": "timm-tiny", "adaptation": "lora", "epochs": "2", "lr": "0.1",
-               "lora_r": "4", "seed": "3", "register_as": "m", "resume": "0123"}
+    samples = {
+        "data_dir": "/data",
+        "backbone": "timm-tiny",
+        "adaptation": "lora",
+        "epochs": "2",
+        "lr": "0.1",
+        "lora_r": "4",
+        "seed": "3",
+        "register_as": "m",
+        "resume": "0123",
+    }
     for name, key in train_cvs.SHORTCUTS.items():
         assert f"--{name} {{{name}}}" in entry.command
         cfg = cvs.load_cvs_config(None, [f"{key}={samples[name]}"])  # every shortcut names a real config key
@@ -89,8 +98,9 @@ def corrupt_copy_of_demo(tmp_path):
 
 
 @pytest.mark.parametrize("fault", ["missing_dir", "corrupt_frame", "bad_annotation", "unknown_backbone", "nan_loss"])
-def test_bad_input_fails_with_a_clear_message_a_failed_run_and_nothing_registered(fault, tmp_path, mlflow_store,
-                                                                                  capsys):
+def test_bad_input_fails_with_a_clear_message_a_failed_run_and_nothing_registered(
+    fault, tmp_path, mlflow_store, capsys
+):
     args = ["--config", str(write_config(tmp_path / "tiny.yaml"))]
     if fault == "missing_dir":
         args += ["--data_dir", str(tmp_path / "no_such_dir")]
@@ -135,8 +145,12 @@ def test_unknown_config_key_stops_before_any_run(tmp_path, mlflow_store, capsys)
 
 def subprocess_env(tmp_path, uri):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT", "PYTEST"))}
-    env.update(MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    env.update(
+        MLFLOW_TRACKING_URI=uri,
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
     return env
 
 
@@ -146,10 +160,28 @@ def test_mlflow_run_entry_point_end_to_end(tmp_path, mlflow_store):
     config_data = yaml.safe_load(config.read_text())
     config_data["output_dir"] = str(tmp_path / "outputs")
     config.write_text(yaml.safe_dump(config_data))
-    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train_cvs", "--env-manager", "local",
-               "--experiment-name", "avlm-cvs", "-P", f"config={config}", "-P", "epochs=3", "-P", "seed=2"]
-    done = subprocess.run(command, cwd=tmp_path, env=subprocess_env(tmp_path, mlflow_store), capture_output=True,
-                          text=True, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(REPO),
+        "-e",
+        "train_cvs",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "avlm-cvs",
+        "-P",
+        f"config={config}",
+        "-P",
+        "epochs=3",
+        "-P",
+        "seed=2",
+    ]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=subprocess_env(tmp_path, mlflow_store), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(mlflow_store)
     (run,) = client.search_runs([client.get_experiment_by_name("avlm-cvs").experiment_id])
@@ -164,8 +196,9 @@ def test_mlflow_run_entry_point_end_to_end(tmp_path, mlflow_store):
 
     # the same command with a config key that does not exist: non-zero exit, the run FAILED, nothing new registered
     config.write_text("train:\n  epochz: 3\n")
-    failed = subprocess.run(command, cwd=tmp_path, env=subprocess_env(tmp_path, mlflow_store), capture_output=True,
-                            text=True, timeout=600)
+    failed = subprocess.run(
+        command, cwd=tmp_path, env=subprocess_env(tmp_path, mlflow_store), capture_output=True, text=True, timeout=600
+    )
     assert failed.returncode != 0 and "unknown config key 'train.epochz'" in failed.stderr
     runs = client.search_runs([client.get_experiment_by_name("avlm-cvs").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
@@ -179,12 +212,25 @@ def test_two_processes_match_one_process(tmp_path, mlflow_store):
     outputs = {}
     launches = {
         "one": [sys.executable, str(REPO / "entrypoints/train_cvs.py")],
-        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(REPO / "entrypoints/train_cvs.py")],
+        "two": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "entrypoints/train_cvs.py"),
+        ],
     }
     for name, launcher in launches.items():
-        done = subprocess.run([*launcher, "--config", str(config), f"output_dir={tmp_path / name}"], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [*launcher, "--config", str(config), f"output_dir={tmp_path / name}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         (run_dir,) = (tmp_path / name).iterdir()
         outputs[name] = run_dir
@@ -192,8 +238,10 @@ def test_two_processes_match_one_process(tmp_path, mlflow_store):
     runs = client.search_runs([client.get_experiment_by_name("avlm-cvs").experiment_id])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # one MLflow run per launch
     assert len(client.search_model_versions("name='avlm-cvs'")) == 2  # one version per launch
-    by_processes = {json.loads(mlflow.artifacts.load_text(f"runs:/{r.info.run_id}/run_card.json"))["hardware"]
-                    ["num_processes"]: r for r in runs}
+    by_processes = {
+        json.loads(mlflow.artifacts.load_text(f"runs:/{r.info.run_id}/run_card.json"))["hardware"]["num_processes"]: r
+        for r in runs
+    }
     assert set(by_processes) == {1, 2}
     weights = {name: load_file(str(path / "checkpoints/best/trainable.safetensors")) for name, path in outputs.items()}
     assert weights["one"].keys() == weights["two"].keys()

@@ -69,6 +69,7 @@ from avlm.train import (
     TrainConfig,
     build_optimizer,
     build_scheduler,
+    distributed_state,
     fit,
     load_state,
     load_trainable,
@@ -297,23 +298,32 @@ def _collate_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 # Resume
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_resume(resume: str, tracking_uri: str = "") -> Path:
-    """Local checkpoint folder for ``resume`` = a folder, or an MLflow run id whose ``checkpoints/last`` is fetched."""
+def resolve_resume(resume: str, cfg: CVSConfig) -> Path:
+    """Local checkpoint folder for ``resume``: a folder, or an MLflow run id whose ``checkpoints/last`` the main
+    process downloads into ``output_dir/resumed/<run id>`` (the other ranks read it there, never MLflow)."""
     path = Path(resume)
     if path.is_dir():
         return path
-    import mlflow
+    local = Path(cfg.output_dir) / "resumed" / resume
+    dist = distributed_state()
+    with dist.main_process_first():
+        if dist.is_main_process:
+            import mlflow
 
-    from avlm.tracking import resolve_tracking_uri
+            from avlm.tracking import resolve_tracking_uri
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=resume, artifact_path="checkpoints/last")
-    except Exception as err:  # MLflow raises several types for a missing run or artifact
-        raise ConfigError(
-            f"config key 'resume': '{resume}' is neither a checkpoint folder nor a run with checkpoints/last ({err})"
-        ) from err
-    return Path(local)
+            mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
+            local.mkdir(parents=True, exist_ok=True)
+            try:
+                mlflow.artifacts.download_artifacts(
+                    run_id=resume, artifact_path="checkpoints/last", dst_path=str(local)
+                )
+            except Exception as err:  # MLflow raises several types for a missing run or artifact
+                raise ConfigError(
+                    f"config key 'resume': '{resume}' is neither a checkpoint folder nor an MLflow run with "
+                    f"checkpoints/last ({err})"
+                ) from err
+    return local / "last"  # download_artifacts keeps only the last path component
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,7 +335,7 @@ def main(cfg: CVSConfig) -> CVSResult:
     resume_state: LoopState | None = None
     if cfg.resume:
         # A resumed run continues with the configuration it started with, into the same MLflow run.
-        resume_dir = resolve_resume(cfg.resume, cfg.tracking.tracking_uri)
+        resume_dir = resolve_resume(cfg.resume, cfg)
         resume_state = load_state(resume_dir)
         saved = yaml.safe_load((resume_dir / "config.yaml").read_text())
         saved["resume"] = cfg.resume

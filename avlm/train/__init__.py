@@ -10,6 +10,7 @@ from avlm.train.checkpoint import (
 from avlm.train.loop import (
     StepOutput,
     TrainConfig,
+    distributed_state,
     epoch_seed,
     fit,
     make_accelerator,
@@ -23,6 +24,7 @@ __all__ = [
     "TrainConfig",
     "build_optimizer",
     "build_scheduler",
+    "distributed_state",
     "epoch_seed",
     "fit",
     "load_state",

@@ -11,6 +11,7 @@ resumed from the checkpoint of epoch k replays epochs k+1… exactly as the unin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import accelerate.optimizer
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -29,6 +31,12 @@ from avlm.errors import ConfigError, TrainingError
 from avlm.train.checkpoint import LoopState, save_checkpoint
 
 logger = logging.getLogger(__name__)
+
+# accelerate's optimizer.step() probes importlib for the optional lomo_optim package twice per step, uncached:
+# 0.5 ms a step here, a tenth of a small head's step (bench/loop_overhead.py). Installed packages do not change
+# while a process runs, so the answer is cached.
+if hasattr(accelerate.optimizer, "is_lomo_available"):
+    accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
 @dataclasses.dataclass
@@ -107,6 +115,13 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+
+
+def distributed_state() -> Any:
+    """accelerate's process-wide PartialState (rank, world size), set up the way :func:`make_accelerator` does."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_cpu_only_multiprocess())
 
 
 def _cpu_only_multiprocess() -> bool:
@@ -213,7 +228,7 @@ def fit(
                 state.global_step += 1
                 lr = scheduler.get_last_lr()[0]
                 run_logger.log_metrics({"train/step_loss": losses[-1], "lr": lr}, step=state.global_step)
-                progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+                progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", refresh=False)  # redrawn at tqdm pace
         train_seconds = time.perf_counter() - epoch_start
 
         model.eval()

@@ -174,6 +174,7 @@ def test_resume_after_a_crash_reaches_the_same_result(mlflow_store, monkeypatch)
         "data.feature_cache=false",
         "model.head_dropout=0.2",
         "data.mixup_alpha=0.4",
+        "data.limit_clips=256",
         "seed=7",
     )
     reference = run(*settings)
@@ -230,9 +231,17 @@ def test_lora_and_staged_runs_train_only_what_they_should(mlflow_store):
 
 
 def test_timm_backbone_with_lora_bf16_and_accumulation_trains(mlflow_store):
-    result = run("model.backbone=timm-tiny", "model.adaptation=lora", "model.lora_targets=[qkv]", "model.lora_r=4",
-                 "train.epochs=2", "train.grad_accum_steps=2", "train.mixed_precision=bf16", "registry.register=false",
-                 "data.limit_clips=64")
+    result = run(
+        "model.backbone=timm-tiny",
+        "model.adaptation=lora",
+        "model.lora_targets=[qkv]",
+        "model.lora_r=4",
+        "train.epochs=2",
+        "train.grad_accum_steps=2",
+        "train.mixed_precision=bf16",
+        "registry.register=false",
+        "data.limit_clips=64",
+    )
     keys = set(load_file(str(result.output_dir / "checkpoints/best/trainable.safetensors")))
     assert any(".attn.qkv.lora_A" in k for k in keys) and not result.used_feature_cache
     assert result.state.global_step == 2 * 2  # 64 clips / batch 16 = 4 micro-batches = 2 optimizer steps per epoch

@@ -1,0 +1,269 @@
+"""Overhead of the avlm training loop (``avlm.train.fit``, MLflow logging every step) over a plain PyTorch loop.
+
+Run it::
+
+    python bench/loop_overhead.py                      # 7 rounds of 3 epochs over 1024 clips, about a minute
+    python bench/loop_overhead.py --rounds 7 --epochs 2 --clips 1024 2>/dev/null   # without fit's progress bars
+
+Both sides train the same tiny model (the CVS attentive head, 48-d tokens) on the same random "cached tokens"
+with BCE, AdamW, the same warmup + cosine schedule and gradient clipping, and run the same evaluation (val mAP)
+after every epoch; a model this small makes the loop's per-step costs as visible as they can be. Variants, each
+built fresh from the same seed and timed around the training only (model building, ``accelerator.prepare`` and
+opening the MLflow run are setup, reported once at the end):
+
+- ``plain``: a hand-written loop (forward, loss, backward, clip_grad_norm_, step, scheduler, zero_grad), no logging.
+- ``accelerate``: the same hand-written loop on accelerate's prepared model, optimizer, loader and scheduler
+  (``accelerator.backward``, ``accelerator.clip_grad_norm_``): what accelerate's wrappers cost by themselves.
+- ``avlm``: ``fit`` as a recipe runs it: a real ``MLflowLogger`` on a temporary sqlite store (``train/step_loss``
+  and ``lr`` every optimizer step, the epoch metrics every epoch), safetensors checkpoints (``best`` and ``last``)
+  every epoch; timed until the logger's buffer is flushed, so the MLflow writes the background thread would
+  otherwise do after the timer are counted.
+- ``avlm-no-ckpt``: the same without checkpoint writes (``save_checkpoint`` patched out).
+- ``avlm-bare``: neither MLflow nor checkpoints (a ``NullLogger``): what accelerate, the loss reduction, the
+  finite-loss check, gathering scores for the training mAP and the progress bar cost by themselves.
+
+The variants run interleaved, in a rotated order each round, after a warm-up round that is not counted; the
+ratios are taken within a round (per-round and their median) and between the fastest times (min-based). fit's
+progress bars go to stderr as in a real run. Everything runs on the CPU (``ACCELERATE_USE_CPU``), the machine
+the project's budgets are set for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # the plain loop runs on the CPU: so does fit's accelerator
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from avlm.features import TokenDataset  # noqa: E402
+from avlm.losses import MultiLabelLoss  # noqa: E402
+from avlm.metrics import mean_average_precision  # noqa: E402
+from avlm.models import ClassificationHead, trainable_state_dict  # noqa: E402
+from avlm.recipes.cvs import classification_metrics  # noqa: E402
+from avlm.tracking import NullLogger, TrackingConfig, tracked_run  # noqa: E402
+from avlm.train import (  # noqa: E402
+    StepOutput,
+    TrainConfig,
+    build_scheduler,
+    fit,
+    make_accelerator,
+    optimizer_steps_per_epoch,
+)
+
+GOAL = 1.05
+TOKENS, DIM, CLASSES = 32, 48, 3  # what the vjepa2-tiny backbone gives for a 4-frame clip
+VARIANTS = ("plain", "accelerate", "avlm", "avlm-no-ckpt", "avlm-bare")
+SEED = 0
+
+
+def make_data(clips: int, val_clips: int) -> tuple[TokenDataset, torch.Tensor, torch.Tensor]:
+    """Random tokens with multi-label targets that depend on them (so the loss moves), plus a validation set."""
+    generator = torch.Generator().manual_seed(SEED)
+    tokens = torch.randn(clips + val_clips, TOKENS, DIM, generator=generator)
+    direction = torch.randn(DIM, CLASSES, generator=generator)
+    labels = (tokens.mean(dim=1) @ direction + 0.5 * torch.randn(clips + val_clips, CLASSES, generator=generator)) > 1
+    labels = labels.float()
+    return TokenDataset(tokens[:clips], labels[:clips]), tokens[clips:], labels[clips:]
+
+
+def make_head() -> ClassificationHead:
+    torch.manual_seed(SEED)
+    return ClassificationHead(DIM, CLASSES, pooling="attentive", num_queries=4, num_heads=4, hidden_dim=128)
+
+
+def make_optimization(
+    model: torch.nn.Module, cfg: TrainConfig, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, name=cfg.scheduler, num_training_steps=steps, warmup_ratio=cfg.warmup_ratio)
+    return optimizer, scheduler
+
+
+def make_evaluate(val_tokens: torch.Tensor, val_labels: torch.Tensor) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """The evaluation both loops run after every epoch: val mAP of one batched forward."""
+
+    @torch.no_grad()
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        logits, _ = model(val_tokens)
+        return {"val/mAP": mean_average_precision(val_labels.numpy(), torch.sigmoid(logits).numpy())}
+
+    return evaluate
+
+
+def run_plain(dataset: TokenDataset, evaluate: Callable, cfg: TrainConfig, use_accelerate: bool) -> float:
+    model = make_head()
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(SEED),
+    )
+    optimizer, scheduler = make_optimization(model, cfg, cfg.epochs * len(loader))
+    backward, clip = (lambda loss: loss.backward()), torch.nn.utils.clip_grad_norm_
+    if use_accelerate:
+        accelerator = make_accelerator(cfg)
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        backward, clip = accelerator.backward, accelerator.clip_grad_norm_
+    loss_fn = MultiLabelLoss("bce")
+    start = time.perf_counter()
+    for _ in range(cfg.epochs):
+        model.train()
+        for batch in loader:
+            logits, _ = model(batch["tokens"])
+            loss = loss_fn(logits, batch["labels"])
+            backward(loss)
+            clip(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        evaluate(model)
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def run_logger_for(variant: str, setup_s: list[float]) -> Iterator[Any]:
+    """The MLflow run (``avlm``, ``avlm-no-ckpt``) or a NullLogger; records how long opening + closing took."""
+    if variant == "avlm-bare":
+        yield NullLogger()
+        return
+    start = time.perf_counter()
+    with tracked_run(
+        TrackingConfig(system_metrics=False), recipe="bench", run_name=f"bench-{variant}", is_main_process=True
+    ) as run_logger:
+        setup_s.append(time.perf_counter() - start)
+        yield run_logger
+        start = time.perf_counter()
+    setup_s[-1] += time.perf_counter() - start
+
+
+def run_avlm(
+    variant: str, dataset: TokenDataset, evaluate: Callable, cfg: TrainConfig, workdir: Path, setup_s: list[float]
+) -> float:
+    model = make_head()
+    accelerator = make_accelerator(cfg)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    steps = cfg.epochs * optimizer_steps_per_epoch(len(loader), cfg.grad_accum_steps)
+    optimizer, scheduler = make_optimization(model, cfg, steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    loss_fn = MultiLabelLoss("bce")
+
+    def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
+        logits, _ = model(batch["tokens"])
+        return StepOutput(loss_fn(logits, batch["labels"]), torch.sigmoid(logits), batch["labels"])
+
+    no_checkpoints = mock.patch("avlm.train.loop.save_checkpoint") if variant != "avlm" else contextlib.nullcontext()
+    with run_logger_for(variant, setup_s) as run_logger, no_checkpoints, tempfile.TemporaryDirectory(dir=workdir) as ck:
+        start = time.perf_counter()
+        fit(
+            accelerator=accelerator,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_loader=loader,
+            train_step=train_step,
+            train_metrics=classification_metrics,
+            evaluate=evaluate,
+            cfg=cfg,
+            seed=SEED,
+            run_logger=run_logger,
+            checkpoint_dir=ck,
+            config_yaml="bench: true\n",
+            trainable_state=lambda: trainable_state_dict(accelerator.unwrap_model(model)),
+        )
+        run_logger.flush()  # the buffered metrics reach sqlite inside the timed span
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per training")
+    parser.add_argument("--clips", type=int, default=1024, help="training clips (32 tokens x 48 dims each)")
+    parser.add_argument("--val-clips", type=int, default=128, help="validation clips evaluated every epoch")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = torch's default")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    script_start = time.perf_counter()
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.manual_seed(SEED)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, patience=0)  # no early stop: same work
+    dataset, val_tokens, val_labels = make_data(args.clips, args.val_clips)
+    evaluate = make_evaluate(val_tokens, val_labels)
+    steps = args.epochs * (args.clips // args.batch_size)
+
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), mlflow {mlflow.__version__}; "
+        f"{args.clips} clips x {TOKENS} tokens x {DIM} dims, batch {args.batch_size}, {args.epochs} epochs "
+        f"= {steps} optimizer steps per training, val {args.val_clips} clips; {args.rounds} rounds + 1 warm-up"
+    )
+    with tempfile.TemporaryDirectory(prefix="avlm-bench-") as tmp:
+        workdir = Path(tmp)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        mlflow.set_experiment("avlm-bench")  # creates the store (schema migrations) before any timing
+
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        setup_s: list[float] = []
+        rounds_start = time.perf_counter()
+        for round_index in range(args.rounds + 1):
+            shift = round_index % len(VARIANTS)
+            order = VARIANTS[shift:] + VARIANTS[:shift]
+            for variant in order:
+                if variant in ("plain", "accelerate"):
+                    seconds = run_plain(dataset, evaluate, cfg, use_accelerate=variant == "accelerate")
+                else:
+                    seconds = run_avlm(variant, dataset, evaluate, cfg, workdir, setup_s)
+                if round_index > 0:  # round 0 warms up allocators, kernels, imports and the sqlite store
+                    times[variant].append(seconds)
+            if round_index == 0:
+                print(f"warm-up round done ({time.perf_counter() - rounds_start:.1f} s)")
+            else:
+                cells = "  ".join(f"{v} {times[v][-1]:.3f}s" for v in VARIANTS)
+                ratios = "  ".join(f"{v}/plain {times[v][-1] / times['plain'][-1]:.3f}" for v in VARIANTS[1:])
+                print(f"round {round_index}: order {','.join(order)}\n  {cells}\n  {ratios}")
+
+    plain = times["plain"]
+    print(f"\nper-training seconds: plain median {statistics.median(plain):.3f} min {min(plain):.3f}")
+    for variant in VARIANTS[1:]:
+        per_round = [a / p for a, p in zip(times[variant], plain, strict=True)]
+        extra_ms = (statistics.median(times[variant]) - statistics.median(plain)) * 1000
+        print(
+            f"{variant:>13}/plain: median {statistics.median(per_round):.3f}  min-based "
+            f"{min(times[variant]) / min(plain):.3f}  (per round: {', '.join(f'{r:.3f}' for r in per_round)}; "
+            f"median +{extra_ms:.0f} ms per training = {extra_ms / steps * 1000:.0f} us per step)"
+        )
+    print(
+        f"setup outside the timings: opening + closing an MLflow run {np.median(setup_s) * 1000:.0f} ms (median)\n"
+        f"total bench time {time.perf_counter() - script_start:.1f} s"
+    )
+    median_ratio = statistics.median(a / p for a, p in zip(times["avlm"], plain, strict=True))
+    verdict = "PASS" if median_ratio <= GOAL else "MISS"
+    print(f"avlm (MLflow every step + checkpoints) / plain, median {median_ratio:.3f}: goal <= {GOAL}: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
