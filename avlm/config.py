@@ -110,13 +110,29 @@ def _build(cls: type[C], values: Mapping[str, Any], prefix: str = "") -> C:
             f"unknown config key '{prefix}{unknown[0]}' (valid keys under '{prefix or '<top>'}': "
             f"{', '.join(sorted(fields))})"
         )
-    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items()}
+    kwargs = {}
+    for name, value in values.items():
+        field = fields[name]
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, Mapping) and callable(field.default_factory):
+            # A recipe's own defaults for a shared section (e.g. the caption recipe's registry name) stay in force
+            # for the keys the YAML does not set.
+            value = _deep_merge(config_to_dict(field.default_factory()), value)
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config section '{prefix or '<top>'}': {err}") from err
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            value = _deep_merge(merged[key], value)
+        merged[key] = value
+    return merged
 
 
 def config_from_dict(cls: type[C], values: Mapping[str, Any]) -> C:

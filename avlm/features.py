@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,14 @@ def extract_tokens(
     batch_size: int,
     device: Any,
     desc: str = "backbone features",
+    input_key: str = "pixel_values",
+    collate_fn: Callable | None = None,
 ) -> torch.Tensor:
-    """Backbone tokens (N, L, D) for every clip of ``dataset``, in order, in eval mode."""
+    """Backbone tokens (N, L, D) for every item of ``dataset`` (its ``input_key`` field), in order, in eval mode."""
     was_training = backbone.training
     backbone.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    chunks = [backbone(batch["pixel_values"].to(device)).tokens.float().cpu() for batch in tqdm(loader, desc=desc)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    chunks = [backbone(batch[input_key].to(device)).tokens.float().cpu() for batch in tqdm(loader, desc=desc)]
     backbone.train(was_training)
     return torch.cat(chunks)
 
@@ -55,8 +57,13 @@ def cached_tokens(
     cache_dir: str | Path,
     accelerator: Any,
     batch_size: int = 16,
+    input_key: str = "pixel_values",
+    collate_fn: Callable | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """Tokens of ``dataset`` from the cache, computing and storing them first if needed.
+
+    ``input_key`` names the backbone's input in the dataset's items (``pixel_values`` for video, ``waveform`` for
+    audio); ``collate_fn`` batches them when the items hold more than tensors.
 
     Returns:
         (tokens, hit): the (N, L, D) tokens and whether they came from an existing cache file.
@@ -65,7 +72,15 @@ def cached_tokens(
     hit = path.is_file()
     with accelerator.main_process_first():
         if not path.is_file() and accelerator.is_main_process:
-            tokens = extract_tokens(backbone, dataset, batch_size, accelerator.device, desc=f"caching {path.name}")
+            tokens = extract_tokens(
+                backbone,
+                dataset,
+                batch_size,
+                accelerator.device,
+                desc=f"caching {path.name}",
+                input_key=input_key,
+                collate_fn=collate_fn,
+            )
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             save_file(

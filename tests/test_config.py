@@ -81,3 +81,14 @@ def test_flatten_and_yaml_round_trip(tmp_path):
 
 def test_parse_override_keeps_text():
     assert parse_override("a.b=[1, 2]") == ("a.b", "[1, 2]")
+
+
+@dataclasses.dataclass
+class RecipeWithOwnDefaults:
+    inner: Inner = dataclasses.field(default_factory=lambda: Inner(lr=0.5, mode="b"))
+
+
+def test_a_recipes_section_defaults_survive_a_partial_yaml_section(tmp_path):
+    cfg = load_config(RecipeWithOwnDefaults, write(tmp_path, "inner:\n  steps: 3\n"), ["inner.names=[y]"])
+    assert cfg.inner == Inner(lr=0.5, steps=3, mode="b", names=["y"])
+    assert load_config(RecipeWithOwnDefaults).inner == Inner(lr=0.5, mode="b")

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from avlm.errors import ConfigError
-from avlm.recipes import cvs
+from avlm.recipes import caption, cvs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -50,37 +50,53 @@ def test_every_example_parses_and_opens_with_its_command(path):
     if path.parent.name == "cvs":
         cfg = cvs.load_cvs_config(path)
         assert cfg.registry.name == "avlm-cvs"
+    elif path.parent.name == "caption":
+        cfg = caption.load_caption_config(path)
+        assert cfg.registry.name == "avlm-caption" and cfg.train.monitor == "val/SPIDEr"
     else:
         assert isinstance(yaml.safe_load(path.read_text()), dict)
 
 
-def test_mlproject_entry_point_maps_onto_the_config():
+SHORTCUT_SAMPLES = {
+    "data_dir": "/data",
+    "dataset": "clotho",
+    "backbone": "timm-tiny",
+    "encoder": "hf:microsoft/wavlm-base-plus",
+    "lm": "hf:gpt2",
+    "fusion": "concat",
+    "fusion_layers": "[2, 5]",
+    "adaptation": "lora",
+    "epochs": "2",
+    "lr": "0.1",
+    "lora_r": "4",
+    "seed": "3",
+    "register_as": "m",
+    "resume": "0123",
+}
+
+
+@pytest.mark.parametrize(
+    "name, load, required",
+    [
+        ("train_cvs", cvs.load_cvs_config, {"backbone", "lora_r"}),
+        ("train_caption", caption.load_caption_config, {"encoder", "lm", "fusion", "fusion_layers"}),
+    ],
+)
+def test_mlproject_entry_point_maps_onto_the_config(name, load, required):
     from mlflow.projects._project_spec import load_project
 
-    project = load_project(str(REPO))
-    entry = project.get_entry_point("train_cvs")
-    required = {"config", "data_dir", "backbone", "epochs", "lr", "lora_r", "seed", "register_as"}
-    assert required <= set(entry.parameters)
-    train_cvs = load_entrypoint("train_cvs")
-    assert set(entry.parameters) - {"config"} == set(train_cvs.SHORTCUTS)
-    samples = {
-        "data_dir": "/data",
-        "backbone": "timm-tiny",
-        "adaptation": "lora",
-        "epochs": "2",
-        "lr": "0.1",
-        "lora_r": "4",
-        "seed": "3",
-        "register_as": "m",
-        "resume": "0123",
-    }
-    for name, key in train_cvs.SHORTCUTS.items():
-        assert f"--{name} {{{name}}}" in entry.command
-        cfg = cvs.load_cvs_config(None, [f"{key}={samples[name]}"])  # every shortcut names a real config key
+    entry = load_project(str(REPO)).get_entry_point(name)
+    assert required | {"config", "data_dir", "epochs", "seed", "register_as"} <= set(entry.parameters)
+    module = load_entrypoint(name)
+    assert set(entry.parameters) - {"config"} == set(module.SHORTCUTS)
+    for shortcut, key in module.SHORTCUTS.items():
+        assert f"--{shortcut} {{{shortcut}}}" in entry.command
+        cfg = load(None, [f"{key}={SHORTCUT_SAMPLES[shortcut]}"])  # every shortcut names a real config key
         section, _, field = key.rpartition(".")
-        assert str(getattr(getattr(cfg, section) if section else cfg, field)) == samples[name]
-    cfg = cvs.load_cvs_config(REPO / entry.parameters["config"].default)
-    assert cfg.model.backbone == "vjepa2-tiny" and cfg.data.data_dir == ""
+        value = getattr(getattr(cfg, section) if section else cfg, field)
+        assert value == yaml.safe_load(SHORTCUT_SAMPLES[shortcut]) or str(value) == SHORTCUT_SAMPLES[shortcut]
+    cfg = load(REPO / entry.parameters["config"].default)
+    assert cfg.data.data_dir == ""  # the default config runs on built-in demo data
 
 
 def failed_run_and_registry(uri):
@@ -250,3 +266,28 @@ def test_two_processes_match_one_process(tmp_path, mlflow_store):
     for key in ("val/mAP", "val/loss", "train/loss", "final/test_mAP"):
         one, two = by_processes[1].data.metrics[key], by_processes[2].data.metrics[key]
         assert one == pytest.approx(two, abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_caption_end_to_end(tmp_path, mlflow_store):
+    config = tmp_path / "tiny_caption.yaml"
+    config_data = yaml.safe_load((REPO / "examples/caption/demo.yaml").read_text())
+    config_data["data"].update(limit_clips=24)
+    config_data["decoding"].update(num_beams=2, max_new_tokens=12)
+    config_data.update(output_dir=str(tmp_path / "outputs"), tracking={"system_metrics": False})
+    config.write_text(yaml.safe_dump(config_data))
+    env = {**subprocess_env(tmp_path, mlflow_store), "AVLM_CORENLP_DIR": str(tmp_path / "no-corenlp")}
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train_caption", "--env-manager", "local"]
+    command += ["--experiment-name", "avlm-caption", "-P", f"config={config}", "-P", "epochs=2"]
+    command += ["-P", "fusion=additive"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(mlflow_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("avlm-caption").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.project.entryPoint"] == "train_caption"
+    assert run.info.run_name == "caption-audio-tiny-lm-tiny-additive-L1_3-seed1"
+    assert len(client.get_metric_history(run.info.run_id, "gate/layer_3")) == 2
+    assert "predictions/val_predictions.json" in {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
+    version = client.get_model_version_by_alias("avlm-caption", "champion")
+    assert version.run_id == run.info.run_id and "candidate" in version.aliases
+    assert "best val/CIDEr_D" in done.stdout and "Registered avlm-caption version 1" in done.stdout

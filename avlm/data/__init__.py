@@ -1,5 +1,22 @@
-"""CVS data: the Endoscapes2023 reader, the built-in demo data, clip tensors, sampling and batch mixing."""
+"""CVS data: the Endoscapes2023 reader, the built-in demo data, clip tensors, sampling and batch mixing.
 
+Audio captioning data: the AudioCaps and Clotho readers, waveform loading, the caption Dataset and its demo data.
+"""
+
+from avlm.data.audio_captions import (
+    AUDIOCAPS_SPLITS,
+    CLOTHO_SPLITS,
+    AudioCaptionDataset,
+    AudioCaptionRecord,
+    audio_manifest_hash,
+    caption_reference_hash,
+    collate_audio_captions,
+    load_audio,
+    load_audiocaps,
+    load_clotho,
+)
+from avlm.data.caption_demo import DEMO_VERSION as CAPTION_DEMO_VERSION
+from avlm.data.caption_demo import ensure_caption_demo
 from avlm.data.clips import ClipDataset, label_checksum, load_frame, manifest_hash
 from avlm.data.cvs_demo import DEMO_VERSION, ensure_cvs_demo
 from avlm.data.endoscapes import CVS_CRITERIA, OFFICIAL_SPLIT_VIDEOS, ClipRecord, load_endoscapes
@@ -20,4 +37,17 @@ __all__ = [
     "load_frame",
     "manifest_hash",
     "mix_clips",
+    # audio captioning
+    "AUDIOCAPS_SPLITS",
+    "CAPTION_DEMO_VERSION",
+    "CLOTHO_SPLITS",
+    "AudioCaptionDataset",
+    "AudioCaptionRecord",
+    "audio_manifest_hash",
+    "caption_reference_hash",
+    "collate_audio_captions",
+    "ensure_caption_demo",
+    "load_audio",
+    "load_audiocaps",
+    "load_clotho",
 ]

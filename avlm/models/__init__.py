@@ -1,4 +1,4 @@
-"""Backbones, heads, the video classifier and how much of it trains."""
+"""Backbones, heads, the video classifier and how much of it trains; the fusion captioner."""
 
 from avlm.models.adaptation import (
     ADAPTATION_MODES,
@@ -11,23 +11,73 @@ from avlm.models.adaptation import (
     unfreeze_last_blocks,
 )
 from avlm.models.backbones import BackboneOutput, VideoBackbone, build_backbone
+from avlm.models.captioner import (
+    FUSION_MODES,
+    LAYER_FUSION_MODES,
+    AudioEncoder,
+    CaptionerOutput,
+    CaptionModelConfig,
+    FusionCaptioner,
+    GeneratedCaptions,
+    SourceProjector,
+    build_audio_encoder,
+    build_caption_tokenizer,
+    build_captioner,
+    build_causal_lm,
+    build_source_encoder,
+    caption_parameter_groups,
+    encode_captions,
+    load_caption_tokenizer,
+    params_ratio,
+)
 from avlm.models.classifier import ClassifierOutput, VideoClassifier
+from avlm.models.fusion import (
+    AdditiveAdapter,
+    ConcatFusion,
+    GatedCrossAttention,
+    LayerFusion,
+    SourceCrossAttention,
+    find_decoder_layers,
+)
 from avlm.models.heads import AttentivePooler, ClassificationHead, MeanPooler
 
 __all__ = [
     "ADAPTATION_MODES",
+    "AdditiveAdapter",
     "AttentivePooler",
+    "AudioEncoder",
     "BackboneOutput",
+    "CaptionModelConfig",
+    "CaptionerOutput",
     "ClassificationHead",
     "ClassifierOutput",
+    "ConcatFusion",
+    "FUSION_MODES",
+    "FusionCaptioner",
+    "GatedCrossAttention",
+    "GeneratedCaptions",
+    "LAYER_FUSION_MODES",
+    "LayerFusion",
     "MeanPooler",
+    "SourceCrossAttention",
+    "SourceProjector",
     "VideoBackbone",
     "VideoClassifier",
     "apply_adaptation",
+    "build_audio_encoder",
     "build_backbone",
+    "build_caption_tokenizer",
+    "build_captioner",
+    "build_causal_lm",
+    "build_source_encoder",
+    "caption_parameter_groups",
     "count_parameters",
+    "encode_captions",
+    "find_decoder_layers",
+    "load_caption_tokenizer",
     "load_trainable_state_dict",
     "parameter_groups",
+    "params_ratio",
     "save_lora_adapter",
     "trainable_state_dict",
     "unfreeze_last_blocks",

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 
-from avlm.config import config_from_dict, config_to_dict, flatten_config, load_config
+from avlm.config import config_from_dict, config_to_dict, load_config
 from avlm.data import (
     CVS_CRITERIA,
     ClipDataset,
@@ -54,27 +54,19 @@ from avlm.models import (
     trainable_state_dict,
 )
 from avlm.registry import RegistryConfig, log_and_register, promote_if_better
-from avlm.tracking import (
-    TrackingConfig,
-    git_state,
-    hardware_info,
-    package_versions,
-    plots,
-    provenance_tags,
-    tracked_run,
-)
+from avlm.tracking import TrackingConfig, plots, record_run_start, tracked_run
 from avlm.train import (
     LoopState,
     StepOutput,
     TrainConfig,
     build_optimizer,
     build_scheduler,
-    distributed_state,
     fit,
     load_state,
     load_trainable,
     make_accelerator,
     optimizer_steps_per_epoch,
+    resolve_resume,
     restore_optimization,
 )
 
@@ -296,37 +288,6 @@ def _collate_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Resume
-# ----------------------------------------------------------------------------------------------------------------
-def resolve_resume(resume: str, cfg: CVSConfig) -> Path:
-    """Local checkpoint folder for ``resume``: a folder, or an MLflow run id whose ``checkpoints/last`` the main
-    process downloads into ``output_dir/resumed/<run id>`` (the other ranks read it there, never MLflow)."""
-    path = Path(resume)
-    if path.is_dir():
-        return path
-    local = Path(cfg.output_dir) / "resumed" / resume
-    dist = distributed_state()
-    with dist.main_process_first():
-        if dist.is_main_process:
-            import mlflow
-
-            from avlm.tracking import resolve_tracking_uri
-
-            mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
-            local.mkdir(parents=True, exist_ok=True)
-            try:
-                mlflow.artifacts.download_artifacts(
-                    run_id=resume, artifact_path="checkpoints/last", dst_path=str(local)
-                )
-            except Exception as err:  # MLflow raises several types for a missing run or artifact
-                raise ConfigError(
-                    f"config key 'resume': '{resume}' is neither a checkpoint folder nor an MLflow run with "
-                    f"checkpoints/last ({err})"
-                ) from err
-    return local / "last"  # download_artifacts keeps only the last path component
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The recipe
 # ----------------------------------------------------------------------------------------------------------------
 def main(cfg: CVSConfig) -> CVSResult:
@@ -335,7 +296,7 @@ def main(cfg: CVSConfig) -> CVSResult:
     resume_state: LoopState | None = None
     if cfg.resume:
         # A resumed run continues with the configuration it started with, into the same MLflow run.
-        resume_dir = resolve_resume(cfg.resume, cfg)
+        resume_dir = resolve_resume(cfg.resume, cfg.output_dir, cfg.tracking.tracking_uri)
         resume_state = load_state(resume_dir)
         saved = yaml.safe_load((resume_dir / "config.yaml").read_text())
         saved["resume"] = cfg.resume
@@ -374,24 +335,20 @@ def main(cfg: CVSConfig) -> CVSResult:
         config_yaml = yaml.safe_dump({**config_to_dict(cfg), "resume": ""}, sort_keys=False)
         if resume_state is None:
             gate = f"{cfg.registry.promote_metric} {cfg.registry.promote_mode} +{cfg.registry.promote_margin:g}"
-            run_logger.log_params(flatten_config(cfg, prefix="cfg."))
-            run_logger.set_tags(
-                {
+            record_run_start(
+                run_logger,
+                cfg=cfg,
+                config_yaml=config_yaml,
+                tags={
                     "recipe": RECIPE,
                     "dataset": dataset_name,
                     "backbone": cfg.model.backbone,
                     "adaptation": cfg.model.adaptation,
                     "gate": gate,
-                    **provenance_tags(),
-                }
-            )
-            run_logger.log_dict(config_to_dict(cfg), "config/resolved_config.json")
-            run_logger.log_dict(
-                {
+                },
+                run_card={
                     "recipe": RECIPE,
                     "run_name": run_name,
-                    "git": git_state(),
-                    "packages": package_versions(),
                     "dataset": {
                         "name": dataset_name,
                         "manifest_sha256": {name: manifest_hash(r) for name, r in splits.items()},
@@ -407,21 +364,12 @@ def main(cfg: CVSConfig) -> CVSResult:
                         "revision": backbone.revision,
                         "fingerprint": backbone.fingerprint(),
                     },
-                    "parameters": {
-                        "trainable": trainable,
-                        "total": total,
-                        "trainable_fraction": trainable / max(total, 1),
-                    },
-                    "seed": cfg.seed,
-                    "hardware": hardware_info(accelerator.num_processes, cfg.train.mixed_precision),
                 },
-                "run_card.json",
+                num_processes=accelerator.num_processes,
+                mixed_precision=cfg.train.mixed_precision,
+                trainable_params=trainable,
+                total_params=total,
             )
-            with tempfile.TemporaryDirectory() as tmp:
-                config_path = Path(tmp) / "config.yaml"
-                config_path.write_text(config_yaml)
-                run_logger.log_artifact(config_path, "config")
-            run_logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
 
         # -- 4. inputs: cached backbone tokens when nothing upstream of the head trains --------------------------
         use_cache = (

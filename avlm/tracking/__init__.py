@@ -9,7 +9,7 @@ from avlm.tracking.mlflow_logger import (
     to_float,
     tracked_run,
 )
-from avlm.tracking.provenance import git_state, hardware_info, package_versions, provenance_tags
+from avlm.tracking.provenance import git_state, hardware_info, package_versions, provenance_tags, record_run_start
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -20,6 +20,7 @@ __all__ = [
     "hardware_info",
     "package_versions",
     "provenance_tags",
+    "record_run_start",
     "resolve_tracking_uri",
     "to_float",
     "tracked_run",

@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,48 @@ def provenance_tags() -> dict[str, str]:
     tags = {"avlm.git_commit": str(git["commit"]), "avlm.git_dirty": str(git["dirty"])}
     tags.update({f"versions.{name}": version for name, version in package_versions().items()})
     return tags
+
+
+def record_run_start(
+    run_logger: Any,
+    *,
+    cfg: Any,
+    config_yaml: str,
+    tags: dict[str, str],
+    run_card: dict[str, Any],
+    num_processes: int,
+    mixed_precision: str,
+    trainable_params: int,
+    total_params: int,
+) -> None:
+    """What every recipe logs before training: the config (flat ``cfg.*`` params, JSON, reloadable YAML), tags with
+    provenance, the run card (the recipe's fields plus git, packages, parameters, seed, hardware) and the counts.
+
+    The ``cfg.`` prefix keeps avlm's params apart from the ones ``mlflow run`` logs for MLproject parameters, which
+    may carry the same names in another string form (MLflow refuses to change a logged param).
+    """
+    from avlm.config import config_to_dict, flatten_config
+
+    run_logger.log_params(flatten_config(cfg, prefix="cfg."))
+    run_logger.set_tags({**tags, **provenance_tags()})
+    run_logger.log_dict(config_to_dict(cfg), "config/resolved_config.json")
+    run_logger.log_dict(
+        {
+            **run_card,
+            "git": git_state(),
+            "packages": package_versions(),
+            "parameters": {
+                "trainable": trainable_params,
+                "total": total_params,
+                "trainable_fraction": trainable_params / max(total_params, 1),
+            },
+            "seed": cfg.seed,
+            "hardware": hardware_info(num_processes, mixed_precision),
+        },
+        "run_card.json",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.yaml"
+        config_path.write_text(config_yaml)
+        run_logger.log_artifact(config_path, "config")
+    run_logger.log_metrics({"params/trainable": trainable_params, "params/total": total_params}, step=0)

@@ -4,6 +4,7 @@ from avlm.train.checkpoint import (
     LoopState,
     load_state,
     load_trainable,
+    resolve_resume,
     restore_optimization,
     save_checkpoint,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "load_trainable",
     "make_accelerator",
     "optimizer_steps_per_epoch",
+    "resolve_resume",
     "restore_optimization",
     "save_checkpoint",
 ]

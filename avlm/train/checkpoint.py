@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from avlm.errors import ModelError
+from avlm.errors import ConfigError, ModelError
 
 TRAINABLE_FILE = "trainable.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -134,3 +134,37 @@ def restore_optimization(
     sched_state = json.loads((directory / "scheduler.json").read_text())
     sched_state["lr_lambdas"] = [None] * len(optimizer.param_groups)  # the lambdas are rebuilt from the config
     scheduler.load_state_dict(sched_state)
+
+
+def resolve_resume(resume: str, output_dir: str | Path, tracking_uri: str = "") -> Path:
+    """Local checkpoint folder for a recipe's ``resume``: a folder, or an MLflow run id whose ``checkpoints/last``
+    the main process downloads into ``output_dir/resumed/<run id>`` (the other ranks read it there, never MLflow).
+
+    Raises:
+        ConfigError: ``resume`` is neither a folder nor a run with ``checkpoints/last``.
+    """
+    from avlm.train.loop import distributed_state
+
+    path = Path(resume)
+    if path.is_dir():
+        return path
+    local = Path(output_dir) / "resumed" / resume
+    dist = distributed_state()
+    with dist.main_process_first():
+        if dist.is_main_process:
+            import mlflow
+
+            from avlm.tracking import resolve_tracking_uri
+
+            mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+            local.mkdir(parents=True, exist_ok=True)
+            try:
+                mlflow.artifacts.download_artifacts(
+                    run_id=resume, artifact_path="checkpoints/last", dst_path=str(local)
+                )
+            except Exception as err:  # MLflow raises several types for a missing run or artifact
+                raise ConfigError(
+                    f"config key 'resume': '{resume}' is neither a checkpoint folder nor an MLflow run with "
+                    f"checkpoints/last ({err})"
+                ) from err
+    return local / "last"  # download_artifacts keeps only the last path component

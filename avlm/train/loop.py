@@ -96,8 +96,9 @@ class StepOutput:
     """What a recipe's ``train_step`` returns for one micro-batch."""
 
     loss: torch.Tensor  # scalar, mean over the micro-batch
-    scores: torch.Tensor  # per-sample predictions for the epoch's training metrics
-    targets: torch.Tensor
+    scores: torch.Tensor | None = None  # per-sample predictions for the epoch's training metrics
+    targets: torch.Tensor | None = None
+    parts: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # loss terms, logged as train/<name>
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -166,7 +167,7 @@ def fit(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     train_loader: torch.utils.data.DataLoader,
     train_step: Callable[[torch.nn.Module, Any, torch.Generator], StepOutput],
-    train_metrics: Callable[[np.ndarray, np.ndarray], Mapping[str, float]],
+    train_metrics: Callable[[np.ndarray, np.ndarray], Mapping[str, float]] | None,
     evaluate: Callable[[torch.nn.Module], Mapping[str, float]],
     cfg: TrainConfig,
     seed: int,
@@ -179,8 +180,9 @@ def fit(
 ) -> LoopState:
     """Train until ``cfg.epochs`` or early stopping; return the final loop state.
 
-    Every epoch logs ``train/loss``, the recipe's training metrics (prefixed ``train/``), its validation metrics,
-    ``lr`` and ``epoch`` at the current optimizer step; every optimizer step logs ``train/step_loss`` and ``lr``.
+    Every epoch logs ``train/loss``, the mean of each loss term in ``StepOutput.parts`` and the recipe's
+    ``train_metrics`` of the gathered scores (both prefixed ``train/``), its validation metrics, ``lr`` and ``epoch``
+    at the current optimizer step; every optimizer step logs ``train/step_loss`` and ``lr``.
     The main process writes ``checkpoint_dir/last`` (with optimizer state) every epoch and ``checkpoint_dir/best``
     whenever the monitored metric improves, then calls ``on_checkpoint(path, "last"|"best")``.
 
@@ -198,6 +200,7 @@ def fit(
         model.train()
         epoch_start = time.perf_counter()
         losses, scores, targets = [], [], []
+        parts: dict[str, list[float]] = {}
         progress = tqdm(
             train_loader,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -220,10 +223,13 @@ def fit(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(mean_loss.item())
-            # plain gather: training batches are whole (drop_last), nothing to trim
-            batch_scores, batch_targets = accelerator.gather((out.scores.detach(), out.targets.detach()))
-            scores.append(batch_scores.float().cpu().numpy())
-            targets.append(batch_targets.float().cpu().numpy())
+            for name, value in out.parts.items():
+                parts.setdefault(name, []).append(accelerator.reduce(value.detach(), reduction="mean").item())
+            if train_metrics is not None:
+                # plain gather: training batches are whole (drop_last), nothing to trim
+                batch_scores, batch_targets = accelerator.gather((out.scores.detach(), out.targets.detach()))
+                scores.append(batch_scores.float().cpu().numpy())
+                targets.append(batch_targets.float().cpu().numpy())
             if accelerator.sync_gradients:
                 state.global_step += 1
                 lr = scheduler.get_last_lr()[0]
@@ -234,9 +240,10 @@ def fit(
         model.eval()
         val_metrics = dict(evaluate(model))
         row: dict[str, float] = {"epoch": epoch + 1, "train/loss": float(np.mean(losses))}
-        row.update(
-            {f"train/{k}": float(v) for k, v in train_metrics(np.concatenate(scores), np.concatenate(targets)).items()}
-        )
+        row.update({f"train/{name}": float(np.mean(values)) for name, values in parts.items()})
+        if train_metrics is not None:
+            epoch_metrics = train_metrics(np.concatenate(scores), np.concatenate(targets))
+            row.update({f"train/{k}": float(v) for k, v in epoch_metrics.items()})
         row.update({k: float(v) for k, v in val_metrics.items()})
         if "train/mAP" in row and "val/mAP" in row:
             row["train_val_gap/mAP"] = row["train/mAP"] - row["val/mAP"]

@@ -1,0 +1,748 @@
+"""Audio captioning: a frozen audio encoder and a frozen causal LM joined by additive, layer-selective fusion.
+
+The method (see ``avlm.models.captioner`` for the model): the frozen encoder's tokens go through a trainable
+projector to K source tokens; at each LM layer in ``model.fusion_layers`` a small adapter reads them and adds
+``alpha_l · adapter_l`` to the hidden states (``model.fusion=additive``; the baselines cross_attention, concat,
+partial_unfreeze and data_only share everything else). Training is teacher-forced token cross-entropy, plus an
+optional InfoNCE between pooled source and caption (``model.contrastive_weight``) and an L2 penalty on the gates.
+Every epoch the validation clips are captioned with beam search and scored with pycocoevalcap (BLEU-1..4,
+METEOR, ROUGE-L, CIDEr-D, SPICE, SPIDEr); early stopping and the registry gate use val SPIDEr, or CIDEr-D when
+SPICE cannot run here, which the run states in its tags. Captions are normalised (lowercase, no punctuation,
+``avlm.metrics.normalize_caption``) identically for references and training targets when
+``data.normalize_text`` is on; predictions come out of a model trained on normalised text.
+
+Run it::
+
+    mlflow run . -e train_caption --env-manager local                    # built-in demo sounds, tiny models
+    python entrypoints/train_caption.py --config examples/caption/additive_audiocaps.yaml --data_dir /data/audiocaps
+    accelerate launch --config_file examples/accelerate/ddp_2gpu.yaml entrypoints/train_caption.py --config ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from avlm.config import config_from_dict, config_to_dict, load_config
+from avlm.data import (
+    AudioCaptionDataset,
+    AudioCaptionRecord,
+    audio_manifest_hash,
+    caption_reference_hash,
+    collate_audio_captions,
+    ensure_caption_demo,
+    load_audiocaps,
+    load_clotho,
+)
+from avlm.errors import ConfigError
+from avlm.features import cached_tokens, default_cache_dir
+from avlm.metrics import (
+    CaptionScorer,
+    CaptionScores,
+    SpiceConfig,
+    caption_metrics_for_logging,
+    normalize_caption,
+    spice_unavailable_reason,
+)
+from avlm.models import (
+    AdditiveAdapter,
+    CaptionModelConfig,
+    FusionCaptioner,
+    build_captioner,
+    caption_parameter_groups,
+    count_parameters,
+    encode_captions,
+    load_caption_tokenizer,
+    load_trainable_state_dict,
+    params_ratio,
+    trainable_state_dict,
+)
+from avlm.registry import RegistryConfig, log_and_register, promote_if_better
+from avlm.tracking import TrackingConfig, plots, record_run_start, tracked_run
+from avlm.train import (
+    LoopState,
+    StepOutput,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    fit,
+    load_state,
+    load_trainable,
+    make_accelerator,
+    optimizer_steps_per_epoch,
+    resolve_resume,
+    restore_optimization,
+)
+
+logger = logging.getLogger(__name__)
+
+RECIPE = "caption"
+# The research plan keeps compared systems within ±10% of the additive system's trainable parameters.
+PARAMS_TOLERANCE = 0.10
+SPLIT_NAMES = {
+    "clotho": {"development": "train", "validation": "val", "evaluation": "test"},
+    "audiocaps": {"train": "train", "val": "val", "test": "test"},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CaptionDataConfig:
+    """Where the clips come from and how they are prepared.
+
+    Attributes:
+        dataset: demo (built-in synthetic sounds, Clotho layout), clotho (Clotho v2) or audiocaps.
+        data_dir: dataset root; for demo, where to generate it (empty = the avlm cache folder).
+        clip_seconds: every clip is padded with silence or cut to this length (AudioCaps 10, Clotho up to 30).
+        max_missing_fraction: missing/unreadable audio files are skipped with a warning up to this fraction.
+        limit_clips: keep only the first N clips of each split (0 = all).
+        overfit_clips: Phase-0 sanity: train and validate on the first N training clips (0 = off).
+        max_caption_tokens: teacher-forcing length, bos and eos included.
+        normalize_text: lowercase and strip punctuation of every caption (references and targets alike).
+        feature_cache: cache the frozen encoder's tokens once and train from them.
+        cache_dir: where demo data and features are cached (empty = $AVLM_CACHE_DIR or ~/.cache/avlm).
+    """
+
+    dataset: Literal["demo", "clotho", "audiocaps"] = "demo"
+    data_dir: str = ""
+    clip_seconds: float = 2.0
+    max_missing_fraction: float = 0.2
+    limit_clips: int = 0
+    overfit_clips: int = 0
+    max_caption_tokens: int = 24
+    normalize_text: bool = True
+    feature_cache: bool = True
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.clip_seconds <= 0:
+            raise ConfigError(f"config key 'data.clip_seconds' must be > 0, got {self.clip_seconds}")
+        if not 0 <= self.max_missing_fraction <= 1:
+            raise ConfigError(
+                f"config key 'data.max_missing_fraction' must be in [0, 1], got {self.max_missing_fraction}"
+            )
+        for key in ("limit_clips", "overfit_clips"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'data.{key}' must be >= 0, got {getattr(self, key)}")
+        if self.max_caption_tokens < 3:
+            raise ConfigError(f"config key 'data.max_caption_tokens' must be >= 3, got {self.max_caption_tokens}")
+
+
+@dataclasses.dataclass
+class DecodingConfig:
+    """How captions are generated for validation, test and the registered model.
+
+    Attributes:
+        num_beams: beam width (1 = greedy).
+        max_new_tokens: longest generated caption, in tokens.
+        batch_size: clips per generate call.
+    """
+
+    num_beams: int = 5
+    max_new_tokens: int = 20
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        for key in ("num_beams", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'decoding.{key}' must be >= 1, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass
+class CaptionMetricsConfig:
+    """SPICE needs Stanford CoreNLP 3.6.0; without it SPICE and SPIDEr are left out (never estimated).
+
+    Attributes:
+        spice: compute SPICE (and SPIDEr) when it can run.
+        corenlp_dir: folder holding stanford-corenlp-3.6.0.jar and its -models jar (empty = $AVLM_CORENLP_DIR,
+            else pycocoevalcap's own lib folder).
+        download_corenlp: fetch the jars (about 400 MB) when they are missing.
+    """
+
+    spice: bool = True
+    corenlp_dir: str = ""
+    download_corenlp: bool = False
+
+    def spice_config(self) -> SpiceConfig | bool:
+        return SpiceConfig(corenlp_dir=self.corenlp_dir, download=self.download_corenlp) if self.spice else False
+
+
+@dataclasses.dataclass
+class CaptionConfig:
+    """The whole caption recipe. ``train.lr`` is the projector's learning rate and ``train.backbone_lr`` that of
+    everything trainable inside the LM (fusion blocks, gates, LoRA, unfrozen layers)."""
+
+    data: CaptionDataConfig = dataclasses.field(default_factory=CaptionDataConfig)
+    model: CaptionModelConfig = dataclasses.field(default_factory=CaptionModelConfig)
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(
+            epochs=20,
+            lr=2e-4,
+            backbone_lr=1e-4,
+            weight_decay=0.01,
+            warmup_ratio=0.03,
+            monitor="val/SPIDEr",
+            patience=2,
+        )
+    )
+    decoding: DecodingConfig = dataclasses.field(default_factory=DecodingConfig)
+    metrics: CaptionMetricsConfig = dataclasses.field(default_factory=CaptionMetricsConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    registry: RegistryConfig = dataclasses.field(
+        default_factory=lambda: RegistryConfig(name="avlm-caption", promote_metric="val/SPIDEr")
+    )
+    effective_batch: int = 0  # target sequences per optimizer step via accumulation; 0 = train.grad_accum_steps
+    seed: int = 1
+    output_dir: str = "outputs"
+    resume: str = ""
+
+    def __post_init__(self) -> None:
+        if self.effective_batch < 0:
+            raise ConfigError(f"config key 'effective_batch' must be >= 0, got {self.effective_batch}")
+        if self.effective_batch and self.effective_batch % self.train.batch_size:
+            raise ConfigError(
+                f"config key 'effective_batch' ({self.effective_batch}) must be a multiple of train.batch_size "
+                f"({self.train.batch_size})"
+            )
+
+
+def load_caption_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CaptionConfig:
+    return load_config(CaptionConfig, path, overrides)
+
+
+@dataclasses.dataclass
+class CaptionResult:
+    run_id: str | None
+    state: LoopState
+    final_metrics: dict[str, float]
+    monitor: str
+    spice_unavailable_reason: str | None
+    parameter_counts: dict[str, int]
+    output_dir: Path
+    model_version: str | None = None
+    promoted: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data, naming, the samples the loops see
+# ----------------------------------------------------------------------------------------------------------------
+def load_caption_splits(cfg: CaptionDataConfig) -> tuple[dict[str, list[AudioCaptionRecord]], str]:
+    """Records of the train/val(/test) splits, renamed to those names, limited and normalised as configured."""
+    if cfg.dataset == "demo":
+        root = ensure_caption_demo(Path(cfg.data_dir) if cfg.data_dir else Path(cfg.cache_dir or default_cache_dir()))
+        native, name = load_clotho(root, max_missing_fraction=cfg.max_missing_fraction), "caption-demo"
+        renames = SPLIT_NAMES["clotho"]
+    else:
+        if not cfg.data_dir:
+            raise ConfigError(f"config key 'data.data_dir' is empty: dataset '{cfg.dataset}' needs its root folder")
+        reader = load_clotho if cfg.dataset == "clotho" else load_audiocaps
+        native, name = reader(cfg.data_dir, max_missing_fraction=cfg.max_missing_fraction), cfg.dataset
+        renames = SPLIT_NAMES[cfg.dataset]
+    splits = {renames[split]: records for split, records in native.items()}
+    if cfg.limit_clips:
+        splits = {split: records[: cfg.limit_clips] for split, records in splits.items()}
+    if cfg.overfit_clips:
+        subset = splits["train"][: cfg.overfit_clips]
+        splits = {"train": subset, "val": subset}
+    if cfg.normalize_text:
+        splits = {
+            split: [dataclasses.replace(r, captions=tuple(normalize_caption(c) for c in r.captions)) for r in records]
+            for split, records in splits.items()
+        }
+    return splits, name
+
+
+def run_name_for(cfg: CaptionConfig) -> str:
+    """``caption-<encoder>-<lm>-<fusion>-L<layers>-seed<N>``, e.g. ``caption-wavlm-base-gpt2-additive-L12_24-seed1``."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+
+    def short(spec: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.split(":")[-1].rstrip("/").split("/")[-1])
+
+    layers = "" if cfg.model.fusion == "data_only" else "-L" + "_".join(str(i) for i in cfg.model.fusion_layers)
+    return f"{RECIPE}-{short(cfg.model.encoder)}-{short(cfg.model.lm)}-{cfg.model.fusion}{layers}-seed{cfg.seed}"
+
+
+class CaptionSamples(torch.utils.data.Dataset):
+    """Source (cached encoder tokens, or the waveform) with one caption (``pairs``) or the clip's first (``clips``).
+
+    Items carry the clip's position in its split (``clip``), so generated captions find their references.
+    """
+
+    def __init__(self, records: list[AudioCaptionRecord], sources: torch.Tensor | AudioCaptionDataset, pairs: bool):
+        self.records = records
+        self.sources = sources
+        self.items = [(i, c) for i, r in enumerate(records) for c in (range(len(r.captions)) if pairs else [0])]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        clip, caption = self.items[index]
+        source = self.sources[clip] if isinstance(self.sources, torch.Tensor) else self.sources[clip]["waveform"]
+        return {"source": source, "caption": self.records[clip].captions[caption], "clip": clip}
+
+
+def caption_collate(tokenizer: Any, max_tokens: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = encode_captions(tokenizer, [item["caption"] for item in items], max_length=max_tokens)
+        batch["source"] = torch.stack([item["source"] for item in items])
+        batch["clip"] = torch.tensor([item["clip"] for item in items])
+        return batch
+
+    return collate
+
+
+def additive_reference_parameters(model: FusionCaptioner) -> int:
+    """Trainable parameters the additive system would have with this model's projector, layers and widths."""
+    cfg = model.config
+    hidden = model.lm.get_input_embeddings().embedding_dim
+    adapter = AdditiveAdapter(hidden, cfg.adapter_dim, cfg.adapter_heads, cfg.gate_init)
+    return count_parameters(model.projector)[0] + len(cfg.fusion_layers) * count_parameters(adapter)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------------------
+def main(cfg: CaptionConfig) -> CaptionResult:
+    """Train, evaluate, log and register one captioner. See the module docstring for the method."""
+    resume_dir: Path | None = None
+    resume_state: LoopState | None = None
+    if cfg.resume:
+        # A resumed run continues with the configuration it started with, into the same MLflow run.
+        resume_dir = resolve_resume(cfg.resume, cfg.output_dir, cfg.tracking.tracking_uri)
+        resume_state = load_state(resume_dir)
+        saved = yaml.safe_load((resume_dir / "config.yaml").read_text())
+        saved["resume"] = cfg.resume
+        cfg = config_from_dict(CaptionConfig, saved)
+
+    # The monitored metric is declared before training: SPIDEr needs SPICE, and without it the run says so.
+    no_spice = spice_unavailable_reason(cfg.metrics.spice_config())
+    monitor = cfg.train.monitor
+    if no_spice and re.search(r"SPIDEr|SPICE", monitor):
+        monitor = re.sub(r"SPIDEr|SPICE", "CIDEr_D", monitor)
+    train_cfg = dataclasses.replace(
+        cfg.train,
+        monitor=monitor,
+        grad_accum_steps=cfg.effective_batch // cfg.train.batch_size
+        if cfg.effective_batch
+        else cfg.train.grad_accum_steps,
+    )
+    registry_cfg = dataclasses.replace(cfg.registry, promote_metric=monitor)
+
+    accelerator = make_accelerator(train_cfg)
+    if train_cfg.batch_size % accelerator.num_processes:
+        raise ConfigError(
+            f"config key 'train.batch_size' ({train_cfg.batch_size}) must be divisible by the "
+            f"number of processes ({accelerator.num_processes})"
+        )
+    run_name = run_name_for(cfg)
+    with tracked_run(
+        cfg.tracking,
+        recipe=RECIPE,
+        run_name=run_name,
+        is_main_process=accelerator.is_main_process,
+        resume_run_id=resume_state.run_id if resume_state else None,
+    ) as run_logger:
+        # -- 1. data --------------------------------------------------------------------------------------------
+        splits, dataset_name = load_caption_splits(cfg.data)
+
+        # -- 2. model: frozen encoder → projector → frozen LM with trainable fusion ------------------------------
+        tokenizer = load_caption_tokenizer(cfg.model.lm, [c for r in splits["train"] for c in r.captions])
+        torch.manual_seed(cfg.seed)
+        model = build_captioner(cfg.model, tokenizer)
+        counts = model.parameter_counts()
+        counts["additive_reference"] = additive_reference_parameters(model)
+        ratio = params_ratio(counts["trainable"], counts["additive_reference"])
+        if abs(ratio - 1) > PARAMS_TOLERANCE:
+            logger.warning(
+                "fusion '%s' trains %d parameters, %.2fx the additive system's %d (outside ±%d%%): compare it "
+                "param-normalised (params/ratio_to_additive)",
+                cfg.model.fusion, counts["trainable"], ratio, counts["additive_reference"], PARAMS_TOLERANCE * 100,
+            )  # fmt: skip
+        encoder = model.encoder
+        if model.modality != "audio":
+            raise ConfigError(
+                f"config key 'model.encoder' = '{cfg.model.encoder}' is a video encoder, but the caption datasets "
+                "(demo, clotho, audiocaps) hold audio; a video source needs a video-caption dataset reader"
+            )
+        sample_rate = encoder.sampling_rate
+        num_samples = round(cfg.data.clip_seconds * sample_rate)
+        audio_sets = {name: AudioCaptionDataset(r, sample_rate, num_samples) for name, r in splits.items()}
+
+        # -- 3. what this run is: config, tags, run card --------------------------------------------------------
+        run_id = run_logger.run_id
+        output_dir = Path(cfg.output_dir) / f"{run_name}-{(run_id or 'local')[:8]}"
+        config_yaml = yaml.safe_dump({**config_to_dict(cfg), "resume": ""}, sort_keys=False)
+        if resume_state is None:
+            record_run_start(
+                run_logger,
+                cfg=cfg,
+                config_yaml=config_yaml,
+                tags={
+                    "recipe": RECIPE,
+                    "dataset": dataset_name,
+                    "encoder": cfg.model.encoder,
+                    "lm": cfg.model.lm,
+                    "fusion": cfg.model.fusion,
+                    "fusion_layers": ",".join(str(i) for i in cfg.model.fusion_layers),
+                    "monitor": monitor,
+                    "spice": "available" if no_spice is None else "unavailable",
+                    **({"spice_unavailable_reason": no_spice[:5000]} if no_spice else {}),
+                    "gate": f"{monitor} {registry_cfg.promote_mode} +{registry_cfg.promote_margin:g}",
+                },
+                run_card={
+                    "recipe": RECIPE,
+                    "run_name": run_name,
+                    "dataset": {
+                        "name": dataset_name,
+                        "audio_manifest_sha256": {name: audio_manifest_hash(r) for name, r in splits.items()},
+                        "reference_sha256": {name: caption_reference_hash(r) for name, r in splits.items()},
+                        "clips": {name: len(r) for name, r in splits.items()},
+                        "captions": {name: sum(len(x.captions) for x in r) for name, r in splits.items()},
+                        "sample_rate": sample_rate,
+                        "clip_seconds": cfg.data.clip_seconds,
+                        "text_normalization": "lowercase, punctuation stripped (avlm.metrics.normalize_caption)"
+                        if cfg.data.normalize_text
+                        else "none",
+                    },
+                    "encoder": {
+                        "name": encoder.name,
+                        "revision": encoder.revision,
+                        "fingerprint": encoder.fingerprint(),
+                    },
+                    "lm": {"name": cfg.model.lm, "revision": getattr(model.lm.config, "_commit_hash", None)},
+                    "fusion": {
+                        "mode": cfg.model.fusion,
+                        "layers": list(cfg.model.fusion_layers),
+                        "source_tokens": cfg.model.audio_tokens,
+                        "projector_width": cfg.model.projector_width,
+                        "gate_init": cfg.model.gate_init,
+                    },
+                    "loss": {
+                        "contrastive_weight": cfg.model.contrastive_weight,
+                        "temperature": cfg.model.temperature,
+                        "gate_l2": cfg.model.gate_l2,
+                    },
+                    "decoding": dataclasses.asdict(cfg.decoding),
+                    "parameter_counts": counts,
+                    "monitor": monitor,
+                    "spice_unavailable_reason": no_spice,
+                },
+                num_processes=accelerator.num_processes,
+                mixed_precision=train_cfg.mixed_precision,
+                trainable_params=counts["trainable"],
+                total_params=counts["total"],
+            )
+            run_logger.log_metrics({"params/ratio_to_additive": ratio}, step=0)
+
+        # -- 4. sources: the frozen encoder's tokens, computed once and cached, or waveforms ---------------------
+        if cfg.data.feature_cache:
+            sources = {}
+            for name, dataset in audio_sets.items():
+                sources[name], _ = cached_tokens(
+                    encoder.to(accelerator.device),
+                    dataset,
+                    key_parts={
+                        "encoder": encoder.fingerprint(),
+                        "sample_rate": sample_rate,
+                        "num_samples": num_samples,
+                        "manifest": audio_manifest_hash(splits[name]),
+                    },
+                    cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
+                    accelerator=accelerator,
+                    batch_size=cfg.decoding.batch_size,
+                    input_key="waveform",
+                    collate_fn=collate_audio_captions,
+                )
+            source_key = "source_features"
+        else:
+            sources, source_key = audio_sets, "source"
+
+        def source_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+            if source_key == "source":
+                return {"source": batch["source"]}
+            return {"source": None, "source_features": batch["source"]}
+
+        run_logger.set_tags({"feature_cache": str(cfg.data.feature_cache)})
+
+        collate = caption_collate(tokenizer, cfg.data.max_caption_tokens)
+        train_loader = torch.utils.data.DataLoader(
+            CaptionSamples(splits["train"], sources["train"], pairs=True),
+            batch_size=train_cfg.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=collate,
+            num_workers=train_cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        if len(train_loader) == 0:
+            raise ConfigError(
+                f"config key 'train.batch_size' ({train_cfg.batch_size}) exceeds the "
+                f"{len(train_loader.dataset)} training captions"
+            )
+
+        def eval_loader(split: str, pairs: bool) -> Any:
+            batch_size = train_cfg.batch_size if pairs else cfg.decoding.batch_size
+            samples = CaptionSamples(splits[split], sources[split], pairs=pairs)
+            return accelerator.prepare(
+                torch.utils.data.DataLoader(samples, batch_size=batch_size, shuffle=False, collate_fn=collate)
+            )
+
+        # -- 5. optimisation: AdamW, projector lr vs fusion lr, warmup + cosine ---------------------------------
+        groups = caption_parameter_groups(
+            model, projector_lr=train_cfg.lr, adapter_lr=train_cfg.backbone_lr, weight_decay=train_cfg.weight_decay
+        )
+        optimizer = build_optimizer(groups)
+        steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), train_cfg.grad_accum_steps)
+        scheduler = build_scheduler(
+            optimizer,
+            name=train_cfg.scheduler,
+            num_training_steps=train_cfg.epochs * steps_per_epoch,
+            warmup_ratio=train_cfg.warmup_ratio,
+        )
+        if resume_dir is not None:
+            load_trainable_state_dict(model, load_trainable(resume_dir))
+            restore_optimization(resume_dir, optimizer, scheduler)
+            logger.info("resumed from %s after epoch %d", resume_dir, resume_state.epoch)
+        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+        val_pairs, val_clips = eval_loader("val", pairs=True), eval_loader("val", pairs=False)
+
+        # -- 6. one training step: teacher-forced XE (+ InfoNCE, + gate L2) -------------------------------------
+        def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                **source_inputs(batch),
+            )
+            parts = {"xe_loss": out.xe_loss, "gate_penalty": out.gate_penalty}
+            if cfg.model.contrastive_weight > 0:
+                parts["contrastive_loss"] = out.contrastive_loss
+            return StepOutput(loss=out.loss, parts=parts)
+
+        # -- 7. evaluation: val XE, beam-search captions scored by pycocoevalcap, gate magnitudes ---------------
+        scorer = CaptionScorer(spice=cfg.metrics.spice_config()) if accelerator.is_main_process else None
+
+        @torch.no_grad()
+        def caption_split(model: torch.nn.Module, loader: Any) -> dict[int, str]:
+            """Generated caption per clip position, from every rank's share of the clips."""
+            net = accelerator.unwrap_model(model)
+            captions: list[tuple[int, str]] = []
+            for batch in loader:
+                generated = net.generate(
+                    **source_inputs(batch),
+                    num_beams=cfg.decoding.num_beams,
+                    max_new_tokens=cfg.decoding.max_new_tokens,
+                )
+                captions.extend(zip(batch["clip"].tolist(), generated.texts, strict=True))
+            if accelerator.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                captions = gather_object(captions)
+            return dict(captions)  # a clip repeated to even out the ranks' batches appears once
+
+        def score_split(split: str, captions: dict[int, str]) -> CaptionScores | None:
+            if scorer is None:
+                return None
+            references = {i: list(r.captions) for i, r in enumerate(splits[split])}
+            return scorer.score(captions, references)
+
+        @torch.no_grad()
+        def val_xe(model: torch.nn.Module) -> float:
+            total, count = 0.0, 0
+            for batch in val_pairs:
+                out = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    labels=batch["labels"],
+                    **source_inputs(batch),
+                )
+                losses = accelerator.gather_for_metrics(out.xe_loss.detach().reshape(1).repeat(len(batch["clip"])))
+                total, count = total + float(losses.sum()), count + len(losses)
+            return total / max(count, 1)
+
+        def evaluate(model: torch.nn.Module) -> dict[str, float]:
+            scores = score_split("val", caption_split(model, val_clips))
+            metrics = caption_metrics_for_logging(scores, prefix="val/") if scores is not None else {}
+            if accelerator.num_processes > 1:  # every rank needs the monitored value for early stopping
+                from accelerate.utils import broadcast_object_list
+
+                metrics = broadcast_object_list([metrics])[0]
+            metrics["val/xe_loss"] = val_xe(model)
+            gates = accelerator.unwrap_model(model).gate_magnitudes()
+            metrics.update({f"gate/layer_{layer}": value for layer, value in gates.items()})
+            return metrics
+
+        # -- 8. train ---------------------------------------------------------------------------------------------
+        checkpoint_dir = output_dir / "checkpoints"
+
+        def on_checkpoint(path: Path, kind: str) -> None:
+            tokenizer.save_pretrained(path / "tokenizer")  # lm-tiny's vocabulary is built from this run's data
+            run_logger.log_artifacts(path, f"checkpoints/{kind}")
+
+        state = resume_state or LoopState(run_id=run_id)
+        state.run_id = run_id
+        try:
+            state = fit(
+                accelerator=accelerator,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                train_loader=train_loader,
+                train_step=train_step,
+                train_metrics=None,
+                evaluate=evaluate,
+                cfg=train_cfg,
+                seed=cfg.seed,
+                run_logger=run_logger,
+                checkpoint_dir=checkpoint_dir,
+                config_yaml=config_yaml,
+                trainable_state=lambda: trainable_state_dict(accelerator.unwrap_model(model)),
+                state=state,
+                on_checkpoint=on_checkpoint,
+            )
+
+            # -- 9. the best checkpoint: final captions and scores, predictions.json, plots -----------------------
+            accelerator.wait_for_everyone()
+            net = accelerator.unwrap_model(model)
+            if accelerator.is_main_process:
+                load_trainable_state_dict(net, load_trainable(checkpoint_dir / "best"))
+            if accelerator.num_processes > 1:
+                from accelerate.utils import broadcast
+
+                for tensor in trainable_state_dict(net).values():
+                    broadcast(tensor, from_process=0)
+            final_metrics: dict[str, float] = {}
+            predictions: dict[str, Any] = {}
+            for split in [s for s in ("val", "test") if s in splits]:
+                captions = caption_split(model, val_clips if split == "val" else eval_loader(split, pairs=False))
+                scores = score_split(split, captions)
+                if scores is not None:
+                    final_metrics.update(caption_metrics_for_logging(scores, prefix=f"final/{split}_"))
+                    predictions[split] = _prediction_rows(splits[split], captions, scores)
+        finally:
+            if scorer is not None:
+                scorer.close()
+
+        result = CaptionResult(
+            run_id=run_id,
+            state=state,
+            final_metrics=final_metrics,
+            monitor=monitor,
+            spice_unavailable_reason=no_spice,
+            parameter_counts=counts,
+            output_dir=output_dir,
+        )
+        if not accelerator.is_main_process:
+            return result
+
+        run_logger.log_metrics({**final_metrics, "best_epoch": state.best_epoch}, step=state.global_step)
+        for split, rows in predictions.items():
+            run_logger.log_dict(rows, f"predictions/{split}_predictions.json")
+        _log_plots(run_logger, state.history, cfg.model.fusion_layers)
+
+        # -- 10. registry: candidate, then the promotion gate -----------------------------------------------------
+        if registry_cfg.register:
+            run_logger.flush()
+            version = log_and_register(
+                registry_cfg,
+                checkpoint_dir=checkpoint_dir / "best",
+                recipe=RECIPE,
+                run_id=run_id,
+                metric_value=state.best_value,
+                extra_tags={
+                    "encoder": cfg.model.encoder,
+                    "lm": cfg.model.lm,
+                    "fusion": cfg.model.fusion,
+                    "dataset": dataset_name,
+                    "best_epoch": str(state.best_epoch),
+                },
+            )
+            decision = promote_if_better(registry_cfg, version.version)
+            run_logger.set_tags(
+                {"registered_version": version.version, "promotion": "promoted" if decision.promoted else "rejected"}
+            )
+            result.model_version, result.promoted = str(version.version), decision.promoted
+        logger.info("done: run %s, best %s %.4f at epoch %d", run_id, monitor, state.best_value, state.best_epoch)
+        return result
+
+
+def _prediction_rows(
+    records: list[AudioCaptionRecord], captions: dict[int, str], scores: CaptionScores
+) -> list[dict[str, Any]]:
+    """predictions.json: id, prediction, references and every per-item score (for bootstrap CIs, SPIDEr-max)."""
+    return [
+        {
+            "id": record.clip_id,
+            "prediction": captions[i],
+            "references": list(record.captions),
+            "scores": {metric: values[i] for metric, values in scores.per_item.items()},
+        }
+        for i, record in enumerate(records)
+    ]
+
+
+def _log_plots(run_logger: Any, history: list[dict[str, float]], fusion_layers: Sequence[int]) -> None:
+    run_logger.log_figure(
+        plots.training_curves(
+            history,
+            {
+                "loss": ["train/loss", "train/xe_loss", "train/contrastive_loss", "val/xe_loss"],
+                "val caption metrics": ["val/BLEU_4", "val/METEOR", "val/ROUGE_L", "val/CIDEr_D", "val/SPIDEr"],
+            },
+        ),
+        "plots/training_curves.png",
+    )
+    gate_keys = [f"gate/layer_{layer}" for layer in fusion_layers if f"gate/layer_{layer}" in history[-1]]
+    if gate_keys:
+        run_logger.log_figure(
+            plots.training_curves(history, {"gate magnitude per fusion layer": gate_keys}), "plots/gate_magnitudes.png"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference from a registered model (used by the pyfunc wrapper)
+# ----------------------------------------------------------------------------------------------------------------
+def load_captioner(checkpoint_dir: str | Path) -> tuple[FusionCaptioner, CaptionConfig]:
+    """Rebuild the captioner of a checkpoint folder: its config, tokenizer and trainable weights."""
+    checkpoint_dir = Path(checkpoint_dir)
+    cfg = config_from_dict(CaptionConfig, yaml.safe_load((checkpoint_dir / "config.yaml").read_text()))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir / "tokenizer"))
+    model = build_captioner(cfg.model, tokenizer)
+    load_trainable_state_dict(model, load_trainable(checkpoint_dir))
+    return model.eval(), cfg
+
+
+def load_predictor(checkpoint_dir: str | Path) -> Callable[[Any], list[str]]:
+    """Callable for the pyfunc model: a DataFrame with an ``audio_path`` column → one caption per row."""
+    from avlm.data import load_audio
+
+    model, cfg = load_captioner(checkpoint_dir)
+    sample_rate = model.encoder.sampling_rate
+    num_samples = round(cfg.data.clip_seconds * sample_rate)
+
+    def predict(frame: Any) -> list[str]:
+        if "audio_path" not in frame:
+            raise ConfigError(f"model input needs an 'audio_path' column, got columns {list(frame.columns)}")
+        waveforms = torch.stack(
+            [torch.from_numpy(load_audio(path, sample_rate, num_samples)) for path in frame["audio_path"]]
+        )
+        generated = model.generate(
+            waveforms, num_beams=cfg.decoding.num_beams, max_new_tokens=cfg.decoding.max_new_tokens
+        )
+        return generated.texts
+
+    return predict
