@@ -22,10 +22,6 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("AVLM_CACHE_DIR") or Path.home() / ".cache" / "avlm")
-
-
 def cache_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(parts), sort_keys=True, default=str).encode()).hexdigest()[:24]
 

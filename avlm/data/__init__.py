@@ -1,6 +1,8 @@
 """CVS data: the Endoscapes2023 reader, the built-in demo data, clip tensors, sampling and batch mixing.
 
 Audio captioning data: the AudioCaps and Clotho readers, waveform loading, the caption Dataset and its demo data.
+
+Video captioning data: the manifest reader, the caption Dataset and its demo data.
 """
 
 from avlm.data.audio_captions import (
@@ -20,10 +22,25 @@ from avlm.data.caption_demo import ensure_caption_demo
 from avlm.data.clips import ClipDataset, label_checksum, load_frame, manifest_hash
 from avlm.data.cvs_demo import DEMO_VERSION, ensure_cvs_demo
 from avlm.data.endoscapes import CVS_CRITERIA, OFFICIAL_SPLIT_VIDEOS, ClipRecord, load_endoscapes
+from avlm.data.generated import COMPLETE_MARKER, default_cache_dir, generate_once
 from avlm.data.mixing import mix_clips
 from avlm.data.samplers import EpochSampler, class_balanced_weights
+from avlm.data.video_captions import DEMO_VERSION as VIDEO_CAPTION_DEMO_VERSION
+from avlm.data.video_captions import (
+    VIDEO_CAPTION_SPLITS,
+    VideoCaptionDataset,
+    VideoCaptionRecord,
+    collate_video_captions,
+    ensure_video_caption_demo,
+    evenly_spaced_indices,
+    load_video_captions,
+    video_manifest_hash,
+)
 
 __all__ = [
+    "COMPLETE_MARKER",
+    "default_cache_dir",
+    "generate_once",
     "CVS_CRITERIA",
     "DEMO_VERSION",
     "OFFICIAL_SPLIT_VIDEOS",
@@ -50,4 +67,14 @@ __all__ = [
     "load_audio",
     "load_audiocaps",
     "load_clotho",
+    # video captioning
+    "VIDEO_CAPTION_DEMO_VERSION",
+    "VIDEO_CAPTION_SPLITS",
+    "VideoCaptionDataset",
+    "VideoCaptionRecord",
+    "collate_video_captions",
+    "ensure_video_caption_demo",
+    "evenly_spaced_indices",
+    "load_video_captions",
+    "video_manifest_hash",
 ]

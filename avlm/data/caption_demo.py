@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +33,7 @@ import soundfile
 from scipy.signal import butter, chirp, sosfilt
 
 from avlm.data.audio_captions import CLOTHO_CAPTION_COLUMNS
-from avlm.data.cvs_demo import COMPLETE_MARKER, default_cache_dir
+from avlm.data.generated import generate_once
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +56,6 @@ CLIP_SECONDS = (1.6, 2.0)
 EVENT_RMS = {"loud": 0.12, "quiet": 0.02}
 BACKGROUND_RMS = 0.002
 RAMP_SECONDS = 0.01  # raised-cosine fades: a hard onset would click across all frequencies and blur the pitch
-_STALE_TMP_S = 3600.0
 
 # One (singular, plural) noun per synonym.
 NOUNS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -106,37 +101,12 @@ def ensure_caption_demo(root: str | os.PathLike | None = None, *, seed: int = 0)
         The dataset folder, in the Clotho layout: ``clotho_captions_<split>.csv`` and ``clotho_audio_<split>/``
         for the splits development (400 clips), validation (100) and evaluation (100).
     """
-    root = Path(root).expanduser() if root is not None else default_cache_dir()
-    name = f"caption_demo_{DEMO_VERSION}_s{seed}"
-    target = root / name
-    if (target / COMPLETE_MARKER).is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(root, name)
-    if target.exists():
-        if (target / COMPLETE_MARKER).is_file():  # another process has just finished it
-            return target
-        # Only a complete folder is ever renamed into place, so this is not ours: not safe to reuse.
-        logger.warning("removing incomplete demo folder %s (no %s marker)", target, COMPLETE_MARKER)
-        shutil.rmtree(target)
-    start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would stay on the renamed dataset folder
-    try:
-        summary = _write_demo(tmp, seed)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished the same generation first; its copy is identical.
-            if not (target / COMPLETE_MARKER).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("generated audio-caption demo data in %s in %.1f s", target, time.perf_counter() - start)
-    return target
+    return generate_once(
+        root,
+        f"caption_demo_{DEMO_VERSION}_s{seed}",
+        lambda folder: _write_demo(folder, seed),
+        "audio-caption demo data",
+    )
 
 
 def caption_clip(attributes: dict[str, str], rng: np.random.Generator) -> list[str]:
@@ -254,14 +224,3 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-
-
-def _remove_stale_tmp(root: Path, name: str) -> None:
-    """Delete temporary folders left by generations that crashed over an hour ago."""
-    now = time.time()
-    for path in root.glob(f".{name}.tmp-*"):
-        try:
-            if now - path.stat().st_mtime > _STALE_TMP_S:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            continue

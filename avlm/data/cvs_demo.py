@@ -19,15 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from avlm.data.endoscapes import CVS_CRITERIA
+from avlm.data.generated import generate_once
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +37,6 @@ KEYFRAMES_PER_VIDEO = (10, 14)  # inclusive range, about 12 on average
 FRAME_STEP = 25  # frame numbers advance by 25 per stored frame: 1 fps of a 25 fps video
 KEYFRAME_EVERY = 5  # stored frames, i.e. one labelled frame every 5 s
 FIRST_KEYFRAME = 2  # fewer than the default clip's 3 earlier frames exist, so the first clip needs padding
-COMPLETE_MARKER = ".complete"
-_STALE_TMP_S = 3600.0
 
 # Joint distribution of (C1, C2, C3) per keyframe. Marginals C1 14.6%, C2 10.5%, C3 16.8%; 73.9% all-negative
 # and 4.9% all-positive as in the research log; the pairs and singles split the rest, C1+C3 being the common pair.
@@ -65,11 +61,6 @@ _DISTRACTOR_COLOURS = np.array(
 )
 
 
-def default_cache_dir() -> Path:
-    """Return ``$AVLM_CACHE_DIR``, else ``~/.cache/avlm``."""
-    return Path(os.environ.get("AVLM_CACHE_DIR") or Path.home() / ".cache" / "avlm").expanduser()
-
-
 def ensure_cvs_demo(root: str | os.PathLike | None = None, *, seed: int = 0, image_size: int = 32) -> Path:
     """Generate (once; cached) and return the demo dataset folder.
 
@@ -86,48 +77,12 @@ def ensure_cvs_demo(root: str | os.PathLike | None = None, *, seed: int = 0, ima
     """
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 for the demo patterns to be drawable, got {image_size}")
-    root = Path(root).expanduser() if root is not None else default_cache_dir()
-    name = f"cvs_demo_{DEMO_VERSION}_s{seed}_{image_size}px"
-    target = root / name
-    if (target / COMPLETE_MARKER).is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(root, name)
-    if target.exists():
-        if (target / COMPLETE_MARKER).is_file():  # another process has just finished it
-            return target
-        # Only a complete folder is ever renamed into place, so this is not ours: not safe to reuse.
-        logger.warning("removing incomplete demo folder %s (no %s marker)", target, COMPLETE_MARKER)
-        shutil.rmtree(target)
-    start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would stay on the renamed dataset folder
-    try:
-        summary = _write_demo(tmp, seed, image_size)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished the same generation first; its copy is identical.
-            if not (target / COMPLETE_MARKER).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("generated CVS demo data in %s in %.1f s", target, time.perf_counter() - start)
-    return target
-
-
-def _remove_stale_tmp(root: Path, name: str) -> None:
-    """Delete temporary folders left by generations that crashed over an hour ago."""
-    now = time.time()
-    for path in root.glob(f".{name}.tmp-*"):
-        try:
-            if now - path.stat().st_mtime > _STALE_TMP_S:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            continue
+    return generate_once(
+        root,
+        f"cvs_demo_{DEMO_VERSION}_s{seed}_{image_size}px",
+        lambda folder: _write_demo(folder, seed, image_size),
+        "CVS demo data",
+    )
 
 
 def _write_demo(folder: Path, seed: int, image_size: int) -> dict:

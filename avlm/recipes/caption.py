@@ -37,12 +37,13 @@ from avlm.data import (
     audio_manifest_hash,
     caption_reference_hash,
     collate_audio_captions,
+    default_cache_dir,
     ensure_caption_demo,
     load_audiocaps,
     load_clotho,
 )
 from avlm.errors import ConfigError
-from avlm.features import cached_tokens, default_cache_dir
+from avlm.features import cached_tokens
 from avlm.metrics import (
     CaptionScorer,
     CaptionScores,
@@ -474,6 +475,14 @@ def main(cfg: CaptionConfig) -> CaptionResult:
                 return {"source": batch["source"]}
             return {"source": None, "source_features": batch["source"]}
 
+        def teacher_forced(model: torch.nn.Module, batch: dict[str, Any]) -> Any:
+            return model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                **source_inputs(batch),
+            )
+
         run_logger.set_tags({"feature_cache": str(cfg.data.feature_cache)})
 
         collate = caption_collate(tokenizer, cfg.data.max_caption_tokens)
@@ -520,12 +529,7 @@ def main(cfg: CaptionConfig) -> CaptionResult:
 
         # -- 6. one training step: teacher-forced XE (+ InfoNCE, + gate L2) -------------------------------------
         def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                labels=batch["labels"],
-                **source_inputs(batch),
-            )
+            out = teacher_forced(model, batch)
             parts = {"xe_loss": out.xe_loss, "gate_penalty": out.gate_penalty}
             if cfg.model.contrastive_weight > 0:
                 parts["contrastive_loss"] = out.contrastive_loss
@@ -562,12 +566,8 @@ def main(cfg: CaptionConfig) -> CaptionResult:
         def val_xe(model: torch.nn.Module) -> float:
             total, count = 0.0, 0
             for batch in val_pairs:
-                out = model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    labels=batch["labels"],
-                    **source_inputs(batch),
-                )
+                out = teacher_forced(model, batch)
+                # batch means weighted by the batch's captions (the last batch may be smaller)
                 losses = accelerator.gather_for_metrics(out.xe_loss.detach().reshape(1).repeat(len(batch["clip"])))
                 total, count = total + float(losses.sum()), count + len(losses)
             return total / max(count, 1)

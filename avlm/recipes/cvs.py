@@ -32,6 +32,7 @@ from avlm.data import (
     ClipDataset,
     EpochSampler,
     class_balanced_weights,
+    default_cache_dir,
     ensure_cvs_demo,
     label_checksum,
     load_endoscapes,
@@ -39,7 +40,7 @@ from avlm.data import (
     mix_clips,
 )
 from avlm.errors import ConfigError
-from avlm.features import TokenDataset, cached_tokens, default_cache_dir
+from avlm.features import TokenDataset, cached_tokens
 from avlm.losses import MultiLabelLoss
 from avlm.metrics import attention_entropy_percent, average_precision_per_class, layer_entropies_percent
 from avlm.models import (

@@ -27,7 +27,7 @@ from avlm.data import (
     load_clotho,
 )
 from avlm.data import caption_demo as demo_module
-from avlm.data.cvs_demo import COMPLETE_MARKER
+from avlm.data.generated import COMPLETE_MARKER
 from avlm.errors import DataError
 
 AUDIOCAPS_HEADER = "audiocap_id,youtube_id,start_time,caption\n"

@@ -13,7 +13,8 @@ from PIL import Image
 
 from avlm.data import DEMO_VERSION, ensure_cvs_demo, load_endoscapes
 from avlm.data import cvs_demo as demo_module
-from avlm.data.cvs_demo import COMPLETE_MARKER, SPLIT_VIDEOS
+from avlm.data.cvs_demo import SPLIT_VIDEOS
+from avlm.data.generated import COMPLETE_MARKER
 
 SPLITS = ("train", "val", "test")
 
