@@ -52,7 +52,7 @@ def test_every_example_parses_and_opens_with_its_command(path):
         assert cfg.registry.name == "avlm-cvs"
     elif path.parent.name == "caption":
         cfg = caption.load_caption_config(path)
-        assert cfg.registry.name == "avlm-caption" and cfg.train.monitor == "val/SPIDEr"
+        assert cfg.registry.name.startswith("avlm-caption") and cfg.train.monitor == "val/SPIDEr"
     else:
         assert isinstance(yaml.safe_load(path.read_text()), dict)
 

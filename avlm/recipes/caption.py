@@ -34,13 +34,21 @@ from avlm.config import config_from_dict, config_to_dict, load_config
 from avlm.data import (
     AudioCaptionDataset,
     AudioCaptionRecord,
+    VideoCaptionDataset,
+    VideoCaptionRecord,
     audio_manifest_hash,
     caption_reference_hash,
     collate_audio_captions,
+    collate_video_captions,
     default_cache_dir,
     ensure_caption_demo,
+    ensure_video_caption_demo,
+    evenly_spaced_indices,
+    load_audio,
     load_audiocaps,
     load_clotho,
+    load_video_captions,
+    video_manifest_hash,
 )
 from avlm.errors import ConfigError
 from avlm.features import cached_tokens
@@ -90,7 +98,10 @@ PARAMS_TOLERANCE = 0.10
 SPLIT_NAMES = {
     "clotho": {"development": "train", "validation": "val", "evaluation": "test"},
     "audiocaps": {"train": "train", "val": "val", "test": "test"},
+    "video": {"train": "train", "val": "val", "test": "test"},
 }
+AUDIO_DATASETS = ("demo", "clotho", "audiocaps")
+VIDEO_DATASETS = ("video_demo", "video")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,8 +112,9 @@ class CaptionDataConfig:
     """Where the clips come from and how they are prepared.
 
     Attributes:
-        dataset: demo (built-in synthetic sounds, Clotho layout), clotho (Clotho v2) or audiocaps.
-        data_dir: dataset root; for demo, where to generate it (empty = the avlm cache folder).
+        dataset: demo (built-in synthetic sounds, Clotho layout), clotho (Clotho v2), audiocaps; for a video
+            encoder: video_demo (built-in moving shapes) or video (``captions_<split>.csv`` + ``frames/<clip_id>/``).
+        data_dir: dataset root; for the demos, where to generate them (empty = the avlm cache folder).
         clip_seconds: every clip is padded with silence or cut to this length (AudioCaps 10, Clotho up to 30).
         max_missing_fraction: missing/unreadable audio files are skipped with a warning up to this fraction.
         limit_clips: keep only the first N clips of each split (0 = all).
@@ -113,7 +125,7 @@ class CaptionDataConfig:
         cache_dir: where demo data and features are cached (empty = $AVLM_CACHE_DIR or ~/.cache/avlm).
     """
 
-    dataset: Literal["demo", "clotho", "audiocaps"] = "demo"
+    dataset: Literal["demo", "clotho", "audiocaps", "video_demo", "video"] = "demo"
     data_dir: str = ""
     clip_seconds: float = 2.0
     max_missing_fraction: float = 0.2
@@ -236,18 +248,32 @@ class CaptionResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Data, naming, the samples the loops see
 # ----------------------------------------------------------------------------------------------------------------
-def load_caption_splits(cfg: CaptionDataConfig) -> tuple[dict[str, list[AudioCaptionRecord]], str]:
-    """Records of the train/val(/test) splits, renamed to those names, limited and normalised as configured."""
+def load_caption_splits(
+    cfg: CaptionDataConfig, clip_frames: int
+) -> tuple[dict[str, list[AudioCaptionRecord | VideoCaptionRecord]], str]:
+    """Records of the train/val(/test) splits, renamed to those names, limited and normalised as configured.
+
+    ``clip_frames`` is how many evenly spaced frames a video clip keeps (the video encoder's clip length).
+    """
+    missing = cfg.max_missing_fraction
+    demo_root = Path(cfg.data_dir) if cfg.data_dir else Path(cfg.cache_dir or default_cache_dir())
     if cfg.dataset == "demo":
-        root = ensure_caption_demo(Path(cfg.data_dir) if cfg.data_dir else Path(cfg.cache_dir or default_cache_dir()))
-        native, name = load_clotho(root, max_missing_fraction=cfg.max_missing_fraction), "caption-demo"
+        native, name = load_clotho(ensure_caption_demo(demo_root), max_missing_fraction=missing), "caption-demo"
         renames = SPLIT_NAMES["clotho"]
+    elif cfg.dataset == "video_demo":
+        root = ensure_video_caption_demo(demo_root)
+        native = load_video_captions(root, clip_frames=clip_frames, max_missing_fraction=missing)
+        name, renames = "video-caption-demo", SPLIT_NAMES["video"]
     else:
         if not cfg.data_dir:
             raise ConfigError(f"config key 'data.data_dir' is empty: dataset '{cfg.dataset}' needs its root folder")
-        reader = load_clotho if cfg.dataset == "clotho" else load_audiocaps
-        native, name = reader(cfg.data_dir, max_missing_fraction=cfg.max_missing_fraction), cfg.dataset
-        renames = SPLIT_NAMES[cfg.dataset]
+        if cfg.dataset == "video":
+            native = load_video_captions(cfg.data_dir, clip_frames=clip_frames, max_missing_fraction=missing)
+            renames = SPLIT_NAMES["video"]
+        else:
+            reader = load_clotho if cfg.dataset == "clotho" else load_audiocaps
+            native, renames = reader(cfg.data_dir, max_missing_fraction=missing), SPLIT_NAMES[cfg.dataset]
+        name = cfg.dataset
     splits = {renames[split]: records for split, records in native.items()}
     if cfg.limit_clips:
         splits = {split: records[: cfg.limit_clips] for split, records in splits.items()}
@@ -274,15 +300,49 @@ def run_name_for(cfg: CaptionConfig) -> str:
     return f"{RECIPE}-{short(cfg.model.encoder)}-{short(cfg.model.lm)}-{cfg.model.fusion}{layers}-seed{cfg.seed}"
 
 
+@dataclasses.dataclass
+class SourceClips:
+    """One modality's clips as encoder inputs: per-split datasets, the item key of the input, its collate, and
+    what the encoder's tokens depend on besides the encoder and the clips (part of the feature-cache key)."""
+
+    datasets: dict[str, torch.utils.data.Dataset]
+    input_key: str
+    collate: Callable
+    manifest_hash: Callable[[list], str]
+    preprocessing: dict[str, Any]
+
+
+def source_clips(encoder: Any, splits: dict[str, list], cfg: CaptionConfig) -> SourceClips:
+    """Waveforms at the audio encoder's rate, padded/cut to ``data.clip_seconds``; or normalised video frames."""
+    if cfg.data.dataset in VIDEO_DATASETS:
+        size, mean, std = encoder.image_size, encoder.mean, encoder.std
+        return SourceClips(
+            datasets={name: VideoCaptionDataset(r, size, mean, std) for name, r in splits.items()},
+            input_key="pixel_values",
+            collate=collate_video_captions,
+            manifest_hash=video_manifest_hash,
+            preprocessing={"image_size": size, "mean": mean, "std": std, "clip_frames": cfg.model.num_frames},
+        )
+    num_samples = round(cfg.data.clip_seconds * encoder.sampling_rate)
+    return SourceClips(
+        datasets={name: AudioCaptionDataset(r, encoder.sampling_rate, num_samples) for name, r in splits.items()},
+        input_key="waveform",
+        collate=collate_audio_captions,
+        manifest_hash=audio_manifest_hash,
+        preprocessing={"sample_rate": encoder.sampling_rate, "num_samples": num_samples},
+    )
+
+
 class CaptionSamples(torch.utils.data.Dataset):
-    """Source (cached encoder tokens, or the waveform) with one caption (``pairs``) or the clip's first (``clips``).
+    """Source (cached encoder tokens, or the encoder's input) with one caption (``pairs``) or the clip's first.
 
     Items carry the clip's position in its split (``clip``), so generated captions find their references.
     """
 
-    def __init__(self, records: list[AudioCaptionRecord], sources: torch.Tensor | AudioCaptionDataset, pairs: bool):
+    def __init__(self, records: list, sources: torch.Tensor | torch.utils.data.Dataset, pairs: bool, input_key: str):
         self.records = records
         self.sources = sources
+        self.input_key = input_key
         self.items = [(i, c) for i, r in enumerate(records) for c in (range(len(r.captions)) if pairs else [0])]
 
     def __len__(self) -> int:
@@ -290,7 +350,7 @@ class CaptionSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         clip, caption = self.items[index]
-        source = self.sources[clip] if isinstance(self.sources, torch.Tensor) else self.sources[clip]["waveform"]
+        source = self.sources[clip] if isinstance(self.sources, torch.Tensor) else self.sources[clip][self.input_key]
         return {"source": source, "caption": self.records[clip].captions[caption], "clip": clip}
 
 
@@ -356,7 +416,7 @@ def main(cfg: CaptionConfig) -> CaptionResult:
         resume_run_id=resume_state.run_id if resume_state else None,
     ) as run_logger:
         # -- 1. data --------------------------------------------------------------------------------------------
-        splits, dataset_name = load_caption_splits(cfg.data)
+        splits, dataset_name = load_caption_splits(cfg.data, clip_frames=cfg.model.num_frames)
 
         # -- 2. model: frozen encoder → projector → frozen LM with trainable fusion ------------------------------
         tokenizer = load_caption_tokenizer(cfg.model.lm, [c for r in splits["train"] for c in r.captions])
@@ -372,14 +432,14 @@ def main(cfg: CaptionConfig) -> CaptionResult:
                 cfg.model.fusion, counts["trainable"], ratio, counts["additive_reference"], PARAMS_TOLERANCE * 100,
             )  # fmt: skip
         encoder = model.encoder
-        if model.modality != "audio":
+        data_modality = "video" if cfg.data.dataset in VIDEO_DATASETS else "audio"
+        if model.modality != data_modality:
             raise ConfigError(
-                f"config key 'model.encoder' = '{cfg.model.encoder}' is a video encoder, but the caption datasets "
-                "(demo, clotho, audiocaps) hold audio; a video source needs a video-caption dataset reader"
+                f"config key 'model.encoder' = '{cfg.model.encoder}' is a {model.modality} encoder but "
+                f"'data.dataset' = '{cfg.data.dataset}' holds {data_modality}: audio datasets {AUDIO_DATASETS}, "
+                f"video datasets {VIDEO_DATASETS}"
             )
-        sample_rate = encoder.sampling_rate
-        num_samples = round(cfg.data.clip_seconds * sample_rate)
-        audio_sets = {name: AudioCaptionDataset(r, sample_rate, num_samples) for name, r in splits.items()}
+        clips = source_clips(encoder, splits, cfg)
 
         # -- 3. what this run is: config, tags, run card --------------------------------------------------------
         run_id = run_logger.run_id
@@ -407,12 +467,12 @@ def main(cfg: CaptionConfig) -> CaptionResult:
                     "run_name": run_name,
                     "dataset": {
                         "name": dataset_name,
-                        "audio_manifest_sha256": {name: audio_manifest_hash(r) for name, r in splits.items()},
+                        "modality": data_modality,
+                        "manifest_sha256": {name: clips.manifest_hash(r) for name, r in splits.items()},
                         "reference_sha256": {name: caption_reference_hash(r) for name, r in splits.items()},
                         "clips": {name: len(r) for name, r in splits.items()},
                         "captions": {name: sum(len(x.captions) for x in r) for name, r in splits.items()},
-                        "sample_rate": sample_rate,
-                        "clip_seconds": cfg.data.clip_seconds,
+                        "preprocessing": clips.preprocessing,
                         "text_normalization": "lowercase, punctuation stripped (avlm.metrics.normalize_caption)"
                         if cfg.data.normalize_text
                         else "none",
@@ -450,25 +510,24 @@ def main(cfg: CaptionConfig) -> CaptionResult:
         # -- 4. sources: the frozen encoder's tokens, computed once and cached, or waveforms ---------------------
         if cfg.data.feature_cache:
             sources = {}
-            for name, dataset in audio_sets.items():
+            for name, dataset in clips.datasets.items():
                 sources[name], _ = cached_tokens(
                     encoder.to(accelerator.device),
                     dataset,
                     key_parts={
                         "encoder": encoder.fingerprint(),
-                        "sample_rate": sample_rate,
-                        "num_samples": num_samples,
-                        "manifest": audio_manifest_hash(splits[name]),
+                        **clips.preprocessing,
+                        "manifest": clips.manifest_hash(splits[name]),
                     },
                     cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
                     accelerator=accelerator,
                     batch_size=cfg.decoding.batch_size,
-                    input_key="waveform",
-                    collate_fn=collate_audio_captions,
+                    input_key=clips.input_key,
+                    collate_fn=clips.collate,
                 )
             source_key = "source_features"
         else:
-            sources, source_key = audio_sets, "source"
+            sources, source_key = clips.datasets, "source"
 
         def source_inputs(batch: dict[str, Any]) -> dict[str, Any]:
             if source_key == "source":
@@ -487,7 +546,7 @@ def main(cfg: CaptionConfig) -> CaptionResult:
 
         collate = caption_collate(tokenizer, cfg.data.max_caption_tokens)
         train_loader = torch.utils.data.DataLoader(
-            CaptionSamples(splits["train"], sources["train"], pairs=True),
+            CaptionSamples(splits["train"], sources["train"], pairs=True, input_key=clips.input_key),
             batch_size=train_cfg.batch_size,
             shuffle=True,
             drop_last=True,
@@ -503,7 +562,7 @@ def main(cfg: CaptionConfig) -> CaptionResult:
 
         def eval_loader(split: str, pairs: bool) -> Any:
             batch_size = train_cfg.batch_size if pairs else cfg.decoding.batch_size
-            samples = CaptionSamples(splits[split], sources[split], pairs=pairs)
+            samples = CaptionSamples(splits[split], sources[split], pairs=pairs, input_key=clips.input_key)
             return accelerator.prepare(
                 torch.utils.data.DataLoader(samples, batch_size=batch_size, shuffle=False, collate_fn=collate)
             )
@@ -727,21 +786,30 @@ def load_captioner(checkpoint_dir: str | Path) -> tuple[FusionCaptioner, Caption
 
 
 def load_predictor(checkpoint_dir: str | Path) -> Callable[[Any], list[str]]:
-    """Callable for the pyfunc model: a DataFrame with an ``audio_path`` column → one caption per row."""
-    from avlm.data import load_audio
+    """Callable for the pyfunc model: a DataFrame → one caption per row.
 
+    Audio models read an ``audio_path`` column (any file soundfile reads); video models a ``frames_dir`` column
+    (a folder of frames, of which ``model.num_frames`` evenly spaced ones are used, as in training).
+    """
     model, cfg = load_captioner(checkpoint_dir)
-    sample_rate = model.encoder.sampling_rate
-    num_samples = round(cfg.data.clip_seconds * sample_rate)
+    column = "frames_dir" if model.modality == "video" else "audio_path"
+
+    def source_of(path: str) -> torch.Tensor:
+        if model.modality == "video":
+            frames = sorted(str(p) for p in Path(path).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+            chosen = tuple(frames[i] for i in evenly_spaced_indices(len(frames), cfg.model.num_frames))
+            record = VideoCaptionRecord(clip_id=Path(path).name, frame_paths=chosen, captions=(), split="")
+            encoder = model.encoder
+            return VideoCaptionDataset([record], encoder.image_size, encoder.mean, encoder.std)[0]["pixel_values"]
+        num_samples = round(cfg.data.clip_seconds * model.encoder.sampling_rate)
+        return torch.from_numpy(load_audio(path, model.encoder.sampling_rate, num_samples))
 
     def predict(frame: Any) -> list[str]:
-        if "audio_path" not in frame:
-            raise ConfigError(f"model input needs an 'audio_path' column, got columns {list(frame.columns)}")
-        waveforms = torch.stack(
-            [torch.from_numpy(load_audio(path, sample_rate, num_samples)) for path in frame["audio_path"]]
-        )
+        if column not in frame:
+            raise ConfigError(f"model input needs a '{column}' column, got columns {list(frame.columns)}")
+        sources = torch.stack([source_of(path) for path in frame[column]])
         generated = model.generate(
-            waveforms, num_beams=cfg.decoding.num_beams, max_new_tokens=cfg.decoding.max_new_tokens
+            sources, num_beams=cfg.decoding.num_beams, max_new_tokens=cfg.decoding.max_new_tokens
         )
         return generated.texts
 

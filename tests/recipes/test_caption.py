@@ -134,7 +134,23 @@ def test_baselines_train_and_report_their_size_against_the_additive_system(fusio
 def test_bad_caption_input_is_named(mlflow_store):
     with pytest.raises(ConfigError, match="data.data_dir"):
         run("data.dataset=clotho")
-    with pytest.raises(ConfigError, match="video encoder"):
+    with pytest.raises(ConfigError, match="'vjepa2-tiny' is a video encoder but 'data.dataset' = 'demo' holds audio"):
         run("model.encoder=vjepa2-tiny")
     with pytest.raises(ConfigError, match="effective_batch"):
         caption.load_caption_config(None, ["effective_batch=20", "train.batch_size=16"])
+
+
+def test_video_source_is_one_config_switch_and_its_model_captions_frames(mlflow_store, no_corenlp):
+    # Same recipe, same fusion: only model.encoder and data.dataset change (examples/caption/video_demo.yaml).
+    result = run("model.encoder=vjepa2-tiny", "data.dataset=video_demo", "registry.name=avlm-caption-video")
+    client = MlflowClient()
+    logged = client.get_run(result.run_id)
+    card = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/run_card.json"))
+    assert card["dataset"]["modality"] == "video" and card["dataset"]["preprocessing"]["clip_frames"] == 4
+    assert len(client.get_metric_history(result.run_id, "gate/layer_3")) == 2
+    assert "val/CIDEr_D" in logged.data.metrics and result.parameter_counts["trainable/lm"] == 0
+    model = mlflow.pyfunc.load_model("models:/avlm-caption-video@candidate")
+    demo_root = next(Path(caption.default_cache_dir()).glob("video_caption_demo_*"))
+    clip_dirs = sorted(p for p in (demo_root / "frames").iterdir())[:2]
+    texts = model.predict(pd.DataFrame({"frames_dir": [str(p) for p in clip_dirs]}))
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
