@@ -31,9 +31,10 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile
@@ -338,8 +339,15 @@ def _check_start_time(text: str, csv_path: Path, line: int) -> None:
         raise DataError(f"{csv_path}, line {line}: start_time must be a number of seconds >= 0, got {text!r}")
 
 
-def _read_caption_csv(csv_path: Path, columns: Sequence[str], hint: str) -> list[tuple[int, dict[str, str]]]:
-    """Return (first line number, row) for each data row, with every required column present and non-empty."""
+def read_csv_rows(
+    csv_path: Path, hint: str, check_header: Callable[[list[str]], Any] | None = None
+) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and (first line number, fields) of every data row of a caption CSV.
+
+    ``check_header`` runs on the header before any row is read. Rows whose field count differs from the
+    header's, text that is not UTF-8, malformed CSV and a file without data rows are DataErrors naming the file
+    (and line). A quoted caption may span lines: a row's line number is where it starts.
+    """
     if not csv_path.is_file():
         raise DataError(f"caption file {csv_path} does not exist ({hint})")
     rows = []
@@ -348,13 +356,10 @@ def _read_caption_csv(csv_path: Path, columns: Sequence[str], hint: str) -> list
         with open(csv_path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
             header = [name.strip() for name in next(reader, [])]
-            missing = [c for c in columns if c not in header]
-            if missing:
-                raise DataError(f"{csv_path}: header {header} lacks column(s) {missing}; expected {list(columns)}")
-            position = {c: header.index(c) for c in columns}
+            if check_header is not None:
+                check_header(header)
             line = reader.line_num + 1
             for fields in reader:
-                # A quoted caption may span lines: the row starts on the line after the previous row ended.
                 start, line = line, reader.line_num + 1
                 if not fields:
                     continue
@@ -363,18 +368,34 @@ def _read_caption_csv(csv_path: Path, columns: Sequence[str], hint: str) -> list
                         f"{csv_path}, line {start}: row has {len(fields)} fields but the header has {len(header)} "
                         f"(a caption with an unquoted comma?)"
                     )
-                row = {c: fields[position[c]].strip() for c in columns}
-                empty = [c for c in columns if not row[c]]
-                if empty:
-                    raise DataError(f"{csv_path}, line {start}: empty {', '.join(empty)}")
-                rows.append((start, row))
+                rows.append((start, [field.strip() for field in fields]))
     except UnicodeDecodeError as exc:
         raise DataError(f"caption file {csv_path} is not UTF-8 text: {exc}") from exc
     except csv.Error as exc:
         raise DataError(f"caption file {csv_path}, line {reader.line_num}: malformed csv: {exc}") from exc
     if not rows:
         raise DataError(f"caption file {csv_path} has no caption rows")
-    return rows
+    return header, rows
+
+
+def _read_caption_csv(csv_path: Path, columns: Sequence[str], hint: str) -> list[tuple[int, dict[str, str]]]:
+    """Return (first line number, row) for each data row, with every required column present and non-empty."""
+
+    def check_header(header: list[str]) -> None:
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise DataError(f"{csv_path}: header {header} lacks column(s) {missing}; expected {list(columns)}")
+
+    header, rows = read_csv_rows(csv_path, hint, check_header)
+    position = {c: header.index(c) for c in columns}
+    result = []
+    for start, fields in rows:
+        row = {c: fields[position[c]] for c in columns}
+        empty = [c for c in columns if not row[c]]
+        if empty:
+            raise DataError(f"{csv_path}, line {start}: empty {', '.join(empty)}")
+        result.append((start, row))
+    return result
 
 
 def _index_audio(audio_dir: Path) -> dict[str, str]:

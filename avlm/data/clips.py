@@ -43,6 +43,32 @@ def load_frame(path: str | os.PathLike, image_size: int) -> np.ndarray:
     return np.array(image, dtype=np.uint8)
 
 
+class ClipFrames:
+    """Frame files → one normalised clip tensor (T, 3, S, S): resized, scaled to [0, 1], ``(x - mean) / std``.
+
+    Args:
+        image_size: Side of the square frames (see ``load_frame`` for the resize).
+        mean: Per-channel mean of the pixel values in [0, 1] (the backbone's).
+        std: Per-channel standard deviation (the backbone's).
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std values must be positive, got {list(std)}")
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.image_size = image_size
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, frame_paths: Sequence[str]) -> torch.Tensor:
+        frames = np.stack([load_frame(p, self.image_size) for p in frame_paths])  # (T, S, S, 3)
+        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)
+        return (pixels - self._mean) / self._std
+
+
 class ClipDataset(torch.utils.data.Dataset):
     """Normalised clip tensors and binary CVS labels, one item per record.
 
@@ -60,16 +86,9 @@ class ClipDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: Sequence[ClipRecord], image_size: int, mean: Sequence[float], std: Sequence[float]):
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"std values must be positive, got {list(std)}")
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
         self.records = list(records)
         self.image_size = image_size
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.load_clip = ClipFrames(image_size, mean, std)
         self.labels = np.array([r.labels for r in self.records], dtype=np.int64).reshape(-1, len(CVS_CRITERIA))
 
     def __len__(self) -> int:
@@ -77,10 +96,8 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        frames = np.stack([load_frame(p, self.image_size) for p in record.frame_paths])  # (T, S, S, 3)
-        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)
         return {
-            "pixel_values": (pixels - self._mean) / self._std,
+            "pixel_values": self.load_clip(record.frame_paths),
             "labels": torch.tensor(record.labels, dtype=torch.float32),
             "index": int(i),
         }

@@ -33,8 +33,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from avlm.data.audio_captions import _NAMED_IN_WARNING, _check_fraction, _check_root, _warn_shared_clips
-from avlm.data.clips import load_frame, manifest_hash
+from avlm.data.audio_captions import (
+    _NAMED_IN_WARNING,
+    _check_fraction,
+    _check_root,
+    _warn_shared_clips,
+    read_csv_rows,
+)
+from avlm.data.clips import ClipFrames, manifest_hash
 from avlm.data.generated import generate_once
 from avlm.errors import DataError
 
@@ -156,27 +162,18 @@ class VideoCaptionDataset(torch.utils.data.Dataset):
     def __init__(
         self, records: Sequence[VideoCaptionRecord], image_size: int, mean: Sequence[float], std: Sequence[float]
     ):
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"std values must be positive, got {list(std)}")
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
         self.records = list(records)
         self.image_size = image_size
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.load_clip = ClipFrames(image_size, mean, std)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        frames = np.stack([load_frame(p, self.image_size) for p in record.frame_paths])  # (T, S, S, 3)
-        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)
         return {
             "clip_id": record.clip_id,
-            "pixel_values": (pixels - self._mean) / self._std,
+            "pixel_values": self.load_clip(record.frame_paths),
             "captions": list(record.captions),
             "index": int(i),
         }
@@ -208,47 +205,24 @@ def video_manifest_hash(records: Sequence[VideoCaptionRecord]) -> str:
 
 def _read_video_caption_csv(csv_path: Path) -> list[tuple[str, tuple[str, ...]]]:
     """Return (clip_id, non-empty captions) per data row, checking the header and every row."""
-    if not csv_path.is_file():
-        raise DataError(f"caption file {csv_path} does not exist (splits are read from captions_<split>.csv)")
-    rows, first_line = [], {}
-    try:
-        # utf-8-sig: spreadsheet exports start with a byte-order mark that would stick to the first column name.
-        with open(csv_path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            header = [name.strip() for name in next(reader, [])]
-            caption_columns = _check_header(header, csv_path)
-            id_position = header.index("clip_id")
-            caption_positions = [header.index(c) for c in caption_columns]
-            line = reader.line_num + 1
-            for fields in reader:
-                # A quoted caption may span lines: the row starts on the line after the previous row ended.
-                start, line = line, reader.line_num + 1
-                if not fields:
-                    continue
-                if len(fields) != len(header):
-                    raise DataError(
-                        f"{csv_path}, line {start}: row has {len(fields)} fields but the header has {len(header)} "
-                        f"(a caption with an unquoted comma?)"
-                    )
-                clip_id = fields[id_position].strip()
-                captions = tuple(fields[p].strip() for p in caption_positions)
-                if not clip_id or not captions[0]:
-                    raise DataError(f"{csv_path}, line {start}: empty {'clip_id' if not clip_id else 'caption_1'}")
-                if clip_id in (".", "..") or "/" in clip_id or "\\" in clip_id:
-                    raise DataError(f"{csv_path}, line {start}: clip_id {clip_id!r} is not a plain folder name")
-                if clip_id in first_line:
-                    raise DataError(
-                        f"{csv_path}, line {start}: clip_id {clip_id!r} is also on line {first_line[clip_id]}"
-                    )
-                first_line[clip_id] = start
-                rows.append((clip_id, tuple(c for c in captions if c)))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"caption file {csv_path} is not UTF-8 text: {exc}") from exc
-    except csv.Error as exc:
-        raise DataError(f"caption file {csv_path}, line {reader.line_num}: malformed csv: {exc}") from exc
-    if not rows:
-        raise DataError(f"caption file {csv_path} has no caption rows")
-    return rows
+    header, rows = read_csv_rows(
+        csv_path, "splits are read from captions_<split>.csv", lambda header: _check_header(header, csv_path)
+    )
+    caption_positions = [header.index(c) for c in _check_header(header, csv_path)]
+    id_position = header.index("clip_id")
+    result, first_line = [], {}
+    for start, fields in rows:
+        clip_id = fields[id_position]
+        captions = tuple(fields[p] for p in caption_positions)
+        if not clip_id or not captions[0]:
+            raise DataError(f"{csv_path}, line {start}: empty {'clip_id' if not clip_id else 'caption_1'}")
+        if clip_id in (".", "..") or "/" in clip_id or "\\" in clip_id:
+            raise DataError(f"{csv_path}, line {start}: clip_id {clip_id!r} is not a plain folder name")
+        if clip_id in first_line:
+            raise DataError(f"{csv_path}, line {start}: clip_id {clip_id!r} is also on line {first_line[clip_id]}")
+        first_line[clip_id] = start
+        result.append((clip_id, tuple(c for c in captions if c)))
+    return result
 
 
 def _check_header(header: list[str], csv_path: Path) -> list[str]:
