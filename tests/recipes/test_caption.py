@@ -154,3 +154,11 @@ def test_video_source_is_one_config_switch_and_its_model_captions_frames(mlflow_
     clip_dirs = sorted(p for p in (demo_root / "frames").iterdir())[:2]
     texts = model.predict(pd.DataFrame({"frames_dir": [str(p) for p in clip_dirs]}))
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_effective_batch_accumulates_gradients(mlflow_store, no_corenlp):
+    # 32 clips x 5 captions = 160 pairs = 10 batches of 16; an effective batch of 32 takes 5 optimizer steps
+    result = run("effective_batch=32", "train.epochs=1", "registry.register=false", "decoding.num_beams=1")
+    assert result.state.global_step == 5
+    steps = MlflowClient().get_metric_history(result.run_id, "train/step_loss")
+    assert [m.step for m in steps] == [1, 2, 3, 4, 5]
