@@ -3,6 +3,8 @@
 Audio captioning data: the AudioCaps and Clotho readers, waveform loading, the caption Dataset and its demo data.
 
 Video captioning data: the manifest reader, the caption Dataset and its demo data.
+
+Probe data: a generic manifest of labelled multi-label clips with group keys and splits (CSV or JSON).
 """
 
 from avlm.data.audio_captions import (
@@ -23,6 +25,14 @@ from avlm.data.clips import ClipDataset, label_checksum, load_frame, manifest_ha
 from avlm.data.cvs_demo import DEMO_VERSION, ensure_cvs_demo
 from avlm.data.endoscapes import CVS_CRITERIA, OFFICIAL_SPLIT_VIDEOS, ClipRecord, load_endoscapes
 from avlm.data.generated import COMPLETE_MARKER, default_cache_dir, generate_once
+from avlm.data.manifest import (
+    ClipManifest,
+    ProbeClip,
+    ProbeClipDataset,
+    group_overlap,
+    load_clip_manifest,
+    write_cvs_demo_manifest,
+)
 from avlm.data.mixing import mix_clips
 from avlm.data.samplers import EpochSampler, class_balanced_weights
 from avlm.data.video_captions import DEMO_VERSION as VIDEO_CAPTION_DEMO_VERSION
@@ -77,4 +87,11 @@ __all__ = [
     "evenly_spaced_indices",
     "load_video_captions",
     "video_manifest_hash",
+    # generic clip manifest (frozen-representation probe)
+    "ClipManifest",
+    "ProbeClip",
+    "ProbeClipDataset",
+    "group_overlap",
+    "load_clip_manifest",
+    "write_cvs_demo_manifest",
 ]

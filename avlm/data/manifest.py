@@ -68,8 +68,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from avlm.data.clips import ClipDataset, label_checksum, manifest_hash
+from avlm.data.clips import ClipFrames, label_checksum, manifest_hash
 from avlm.data.cvs_demo import ensure_cvs_demo
 from avlm.data.endoscapes import CVS_CRITERIA, load_endoscapes
 from avlm.data.video_captions import evenly_spaced_indices
@@ -92,7 +93,7 @@ class ProbeClip:
     """One labelled clip of a manifest.
 
     It has the ``frame_paths`` and ``labels`` of a CVS ``ClipRecord`` (and ``clip_id`` as an alias of
-    ``sample_id``), so ``ClipDataset`` and ``manifest_hash`` take it as they take CVS records.
+    ``sample_id``), so ``manifest_hash`` takes it as it takes CVS records.
 
     Attributes:
         sample_id: Unique id of the clip in its manifest.
@@ -114,12 +115,12 @@ class ProbeClip:
         return self.sample_id
 
 
-class ProbeClipDataset(ClipDataset):
+class ProbeClipDataset(torch.utils.data.Dataset):
     """Normalised clip tensors and binary labels of manifest clips, one item per clip.
 
-    ``ClipDataset`` with any number of labels and the clip's ``sample_id`` in each item: the frames are loaded,
-    resized and normalised by ``ClipDataset`` itself. Items are deterministic per index (feature caches key on
-    them).
+    The items of ``ClipDataset`` (frames loaded, resized and normalised by the same ``ClipFrames``, so a clip gives
+    the same tensor in both), for any number of labels and with the clip's ``sample_id``. Items are deterministic
+    per index (feature caches key on them).
 
     Args:
         clips: Clips to serve, in order.
@@ -129,7 +130,7 @@ class ProbeClipDataset(ClipDataset):
         std: Per-channel standard deviation.
 
     Items are dicts with ``pixel_values`` (float32 tensor [T, 3, image_size, image_size]), ``labels`` (float32
-    tensor [num_labels]), ``index`` (int) and ``sample_id`` (str).
+    tensor [num_labels]), ``index`` (int) and ``sample_id`` (str); torch's default collate batches them.
 
     Attributes:
         labels: (N, num_labels) int64 array of the binary labels, in clip order.
@@ -143,19 +144,25 @@ class ProbeClipDataset(ClipDataset):
         mean: Sequence[float],
         std: Sequence[float],
     ):
-        # ClipDataset sizes its label matrix for the 3 CVS criteria: let it check the arguments on no records,
-        # then give it the clips and their label matrix of the manifest's width.
-        super().__init__([], image_size, mean, std)
         self.records = list(clips)
         bad = [c.sample_id for c in self.records if len(c.labels) != num_labels]
         if bad:
             raise ValueError(f"clips {bad[:_NAMED_IN_ERROR]} do not have num_labels={num_labels} labels")
+        self.image_size = image_size
+        self.load_clip = ClipFrames(image_size, mean, std)
         self.labels = np.array([c.labels for c in self.records], dtype=np.int64).reshape(-1, num_labels)
 
+    def __len__(self) -> int:
+        return len(self.records)
+
     def __getitem__(self, i: int) -> dict:
-        item = super().__getitem__(i)
-        item["sample_id"] = self.records[i].sample_id
-        return item
+        clip = self.records[i]
+        return {
+            "pixel_values": self.load_clip(clip.frame_paths),
+            "labels": torch.tensor(clip.labels, dtype=torch.float32),
+            "index": int(i),
+            "sample_id": clip.sample_id,
+        }
 
 
 @dataclass
@@ -470,6 +477,9 @@ def _read_json(path: Path, label_names: tuple[str, ...] | None) -> tuple[list[_R
         declared = _first_clip_label_names(rows[0], path)
     if declared is None:
         if label_names is None:
+            if rows and not isinstance(rows[0].fields.get("labels"), (list, str)):
+                # Neither a list of present names nor a full set of labels: malformed, so name its fault instead.
+                _row_labels(rows[0], (), path)
             raise DataError(
                 f"{path}: clips list the labels present, so the label names cannot be read off them; pass "
                 'label_names, declare them as {"labels": [...], "clips": [...]}, or give each clip every label as '
