@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -11,6 +12,9 @@ matplotlib.use("Agg")  # headless: training machines have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve  # noqa: E402
+
+if TYPE_CHECKING:
+    from avlm.probe.gate import AblationRow
 
 
 def training_curves(history: Sequence[Mapping[str, float]], panels: Mapping[str, Sequence[str]]) -> plt.Figure:
@@ -61,5 +65,30 @@ def entropy_per_layer(entropies: Mapping[str, float]) -> plt.Figure:
     ax.set_ylabel("attention entropy (% of max)")
     ax.set_ylim(0, 100)
     ax.axhline(100, color="grey", lw=0.5)
+    fig.tight_layout()
+    return fig
+
+
+def probe_cells(rows: Sequence[AblationRow]) -> plt.Figure:
+    """Pretrained vs random-init metric per probe configuration (pooling × optimizer), mean ± std over seeds.
+
+    Args:
+        rows: ``avlm.probe.ablation_table`` rows (they carry the stds), all from one split.
+    """
+    labels = [f"{row.pooling}\n{row.optimizer}" for row in rows]
+    positions = np.arange(len(rows))
+    offset = 0.15  # side by side, so that overlapping error bars stay readable
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4))
+    for shift, name, means, stds, color in (
+        (-offset, "pretrained", [r.pre_mean for r in rows], [r.pre_std for r in rows], "tab:blue"),
+        (offset, "random init", [r.rand_mean for r in rows], [r.rand_std for r in rows], "tab:orange"),
+    ):
+        ax.errorbar(positions + shift, means, yerr=stds, fmt="o", capsize=4, color=color, label=name)
+    ax.set_xticks(positions, labels, fontsize=8)
+    splits = sorted({row.split for row in rows})
+    seeds = sorted({row.seeds for row in rows})
+    ax.set_ylabel(f"{'/'.join(splits)} mAP (mean ± std over {'/'.join(map(str, seeds))} seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
