@@ -1,4 +1,4 @@
-"""Backbones, heads, the video classifier and how much of it trains; the fusion captioner."""
+"""Backbones, heads, the video classifier and how much of it trains; the fusion captioner; the backbone pretext."""
 
 from avlm.models.adaptation import (
     ADAPTATION_MODES,
@@ -40,6 +40,13 @@ from avlm.models.fusion import (
     find_decoder_layers,
 )
 from avlm.models.heads import AttentivePooler, ClassificationHead, MeanPooler
+from avlm.models.pretext import (
+    PRETEXT_OBJECTIVES,
+    PretextConfig,
+    load_backbone_checkpoint,
+    pretrain_backbone,
+    save_backbone_checkpoint,
+)
 
 __all__ = [
     "ADAPTATION_MODES",
@@ -81,4 +88,10 @@ __all__ = [
     "save_lora_adapter",
     "trainable_state_dict",
     "unfreeze_last_blocks",
+    # self-supervised pretext and backbone checkpoints
+    "PRETEXT_OBJECTIVES",
+    "PretextConfig",
+    "load_backbone_checkpoint",
+    "pretrain_backbone",
+    "save_backbone_checkpoint",
 ]

@@ -201,6 +201,12 @@ class VideoBackbone(nn.Module):
         """
         raise NotImplementedError
 
+    def identify_weights(self, weights_sha256: str) -> None:
+        """Key ``fingerprint()`` on these weights instead of the init they started from (after pretraining or
+        loading a checkpoint): the feature cache must not serve a random-init copy's tokens for them."""
+        self._identity = {k: v for k, v in self._identity.items() if k != "init_seed"}
+        self._identity["weights_sha256"] = weights_sha256
+
     def fingerprint(self) -> str:
         """A stable id for feature-cache keys: spec, revision, config, input size, and init seed if random.
 
