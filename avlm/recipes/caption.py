@@ -82,12 +82,11 @@ from avlm.train import (
     build_optimizer,
     build_scheduler,
     fit,
-    load_state,
     load_trainable,
     make_accelerator,
     optimizer_steps_per_epoch,
-    resolve_resume,
     restore_optimization,
+    resume_from,
 )
 
 logger = logging.getLogger(__name__)
@@ -377,15 +376,7 @@ def additive_reference_parameters(model: FusionCaptioner) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 def main(cfg: CaptionConfig) -> CaptionResult:
     """Train, evaluate, log and register one captioner. See the module docstring for the method."""
-    resume_dir: Path | None = None
-    resume_state: LoopState | None = None
-    if cfg.resume:
-        # A resumed run continues with the configuration it started with, into the same MLflow run.
-        resume_dir = resolve_resume(cfg.resume, cfg.output_dir, cfg.tracking.tracking_uri)
-        resume_state = load_state(resume_dir)
-        saved = yaml.safe_load((resume_dir / "config.yaml").read_text())
-        saved["resume"] = cfg.resume
-        cfg = config_from_dict(CaptionConfig, saved)
+    cfg, resume_dir, resume_state = resume_from(cfg)
 
     # The monitored metric is declared before training: SPIDEr needs SPICE, and without it the run says so.
     no_spice = spice_unavailable_reason(cfg.metrics.spice_config())

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 
-from avlm.config import config_from_dict, config_to_dict, load_config
+from avlm.config import config_to_dict, load_config
 from avlm.data import (
     CVS_CRITERIA,
     ClipDataset,
@@ -63,12 +63,11 @@ from avlm.train import (
     build_optimizer,
     build_scheduler,
     fit,
-    load_state,
     load_trainable,
     make_accelerator,
     optimizer_steps_per_epoch,
-    resolve_resume,
     restore_optimization,
+    resume_from,
 )
 
 logger = logging.getLogger(__name__)
@@ -293,15 +292,7 @@ def _collate_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 def main(cfg: CVSConfig) -> CVSResult:
     """Train, evaluate, log and register one CVS model. See the module docstring for the method."""
-    resume_dir: Path | None = None
-    resume_state: LoopState | None = None
-    if cfg.resume:
-        # A resumed run continues with the configuration it started with, into the same MLflow run.
-        resume_dir = resolve_resume(cfg.resume, cfg.output_dir, cfg.tracking.tracking_uri)
-        resume_state = load_state(resume_dir)
-        saved = yaml.safe_load((resume_dir / "config.yaml").read_text())
-        saved["resume"] = cfg.resume
-        cfg = config_from_dict(CVSConfig, saved)
+    cfg, resume_dir, resume_state = resume_from(cfg)
 
     accelerator = make_accelerator(cfg.train)
     if cfg.train.batch_size % accelerator.num_processes:

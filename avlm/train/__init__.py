@@ -6,6 +6,7 @@ from avlm.train.checkpoint import (
     load_trainable,
     resolve_resume,
     restore_optimization,
+    resume_from,
     save_checkpoint,
 )
 from avlm.train.loop import (
@@ -33,6 +34,7 @@ __all__ = [
     "make_accelerator",
     "optimizer_steps_per_epoch",
     "resolve_resume",
+    "resume_from",
     "restore_optimization",
     "save_checkpoint",
 ]

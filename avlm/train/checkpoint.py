@@ -168,3 +168,19 @@ def resolve_resume(resume: str, output_dir: str | Path, tracking_uri: str = "") 
                     f"checkpoints/last ({err})"
                 ) from err
     return local / "last"  # download_artifacts keeps only the last path component
+
+
+def resume_from(cfg: Any) -> tuple[Any, Path | None, LoopState | None]:
+    """(config, checkpoint folder, loop state) to start a recipe with: as given, or for ``cfg.resume`` the
+    configuration the crashed run started with (its ``config.yaml``), its last checkpoint and loop state, so the
+    run continues unchanged into the same MLflow run."""
+    if not cfg.resume:
+        return cfg, None, None
+    import yaml
+
+    from avlm.config import config_from_dict
+
+    resume_dir = resolve_resume(cfg.resume, cfg.output_dir, cfg.tracking.tracking_uri)
+    saved = yaml.safe_load((resume_dir / "config.yaml").read_text())
+    saved["resume"] = cfg.resume
+    return config_from_dict(type(cfg), saved), resume_dir, load_state(resume_dir)
