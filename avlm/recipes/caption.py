@@ -82,6 +82,7 @@ from avlm.train import (
     build_optimizer,
     build_scheduler,
     fit,
+    load_best_on_every_rank,
     load_trainable,
     make_accelerator,
     optimizer_steps_per_epoch,
@@ -664,15 +665,7 @@ def main(cfg: CaptionConfig) -> CaptionResult:
             )
 
             # -- 9. the best checkpoint: final captions and scores, predictions.json, plots -----------------------
-            accelerator.wait_for_everyone()
-            net = accelerator.unwrap_model(model)
-            if accelerator.is_main_process:
-                load_trainable_state_dict(net, load_trainable(checkpoint_dir / "best"))
-            if accelerator.num_processes > 1:
-                from accelerate.utils import broadcast
-
-                for tensor in trainable_state_dict(net).values():
-                    broadcast(tensor, from_process=0)
+            load_best_on_every_rank(accelerator, model, checkpoint_dir / "best")
             final_metrics: dict[str, float] = {}
             predictions: dict[str, Any] = {}
             for split in [s for s in ("val", "test") if s in splits]:

@@ -63,6 +63,7 @@ from avlm.train import (
     build_optimizer,
     build_scheduler,
     fit,
+    load_best_on_every_rank,
     load_trainable,
     make_accelerator,
     optimizer_steps_per_epoch,
@@ -527,12 +528,7 @@ def main(cfg: CVSConfig) -> CVSResult:
         )
 
         # -- 9. the best checkpoint: final evaluation, predictions, plots ---------------------------------------
-        accelerator.wait_for_everyone()
-        net = accelerator.unwrap_model(model)
-        if accelerator.is_main_process:
-            load_trainable_state_dict(net, load_trainable(checkpoint_dir / "best"))
-        if accelerator.num_processes > 1:
-            _broadcast_trainable(net)  # only the main process wrote the best checkpoint
+        net = load_best_on_every_rank(accelerator, model, checkpoint_dir / "best")
         final_metrics: dict[str, float] = {}
         val_scores, val_targets, _ = predict(model, val_loader)
         final_metrics.update({f"final/val_{k}": v for k, v in classification_metrics(val_scores, val_targets).items()})
@@ -581,14 +577,6 @@ def main(cfg: CVSConfig) -> CVSResult:
             "done: run %s, best %s %.4f at epoch %d", run_id, cfg.train.monitor, state.best_value, state.best_epoch
         )
         return result
-
-
-def _broadcast_trainable(model: torch.nn.Module) -> None:
-    """Copy the main process's trainable weights to every rank."""
-    from accelerate.utils import broadcast
-
-    for param in (p for p in model.parameters() if p.requires_grad):
-        param.data.copy_(broadcast(param.data.clone(), from_process=0))
 
 
 def _log_predictions(run_logger: Any, records: list, scores: np.ndarray, targets: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from avlm.train.checkpoint import (
     LoopState,
+    load_best_on_every_rank,
     load_state,
     load_trainable,
     resolve_resume,
@@ -33,6 +34,7 @@ __all__ = [
     "load_trainable",
     "make_accelerator",
     "optimizer_steps_per_epoch",
+    "load_best_on_every_rank",
     "resolve_resume",
     "resume_from",
     "restore_optimization",

@@ -184,3 +184,23 @@ def resume_from(cfg: Any) -> tuple[Any, Path | None, LoopState | None]:
     saved = yaml.safe_load((resume_dir / "config.yaml").read_text())
     saved["resume"] = cfg.resume
     return config_from_dict(type(cfg), saved), resume_dir, load_state(resume_dir)
+
+
+def load_best_on_every_rank(accelerator: Any, model: torch.nn.Module, best_dir: str | Path) -> torch.nn.Module:
+    """Load the best checkpoint's trainable weights into the unwrapped model on every rank; return that model.
+
+    Only the main process wrote the checkpoint (other nodes may not see its disk), so it loads the file and the
+    other ranks receive the weights by broadcast.
+    """
+    from accelerate.utils import broadcast
+
+    from avlm.models import load_trainable_state_dict
+
+    accelerator.wait_for_everyone()
+    net = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        load_trainable_state_dict(net, load_trainable(best_dir))
+    if accelerator.num_processes > 1:
+        for param in (p for p in net.parameters() if p.requires_grad):
+            param.data.copy_(broadcast(param.data.clone(), from_process=0))
+    return net
