@@ -26,8 +26,10 @@ def run_recipe(
     load_config: Callable[[str, Sequence[str]], Any],
     run: Callable[[Any], Any],
     argv: Sequence[str] | None = None,
+    summarize: Callable[[Any, Any], list[str]] | None = None,
 ) -> int:
-    """Parse ``argv``, run the recipe, print where its results are; return the process exit status."""
+    """Parse ``argv``, run the recipe, print where its results are (``summarize(cfg, result)``, by default
+    :func:`summary_lines`); return the process exit status."""
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", default=default_config, help="YAML config file")
     for name, key in shortcuts.items():
@@ -48,7 +50,7 @@ def run_recipe(
         print(f"{prog}: error: {err}", file=sys.stderr)  # noqa: T201
         return 2
     if rank == 0 and result.run_id:
-        print("\n" + "\n".join(summary_lines(cfg, result)))  # noqa: T201
+        print("\n" + "\n".join((summarize or summary_lines)(cfg, result)))  # noqa: T201
     return 0
 
 

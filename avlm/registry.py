@@ -107,6 +107,39 @@ def log_and_register(
     return client.get_model_version(cfg.name, version.version)
 
 
+def register_reference(
+    name: str, *, source: str, run_id: str, tags: dict[str, str], alias: str, description: str = ""
+) -> Any:
+    """Register a model version that points at ``source`` (a checkpoint file, a folder of run artifacts, a hub id)
+    without copying it: for weights that live elsewhere, the registry keeps the reference and the evidence.
+
+    Args:
+        name: registered model name (created if new).
+        source: where the weights are; stored as the version's source, unresolved.
+        run_id: the run whose evidence admitted the version.
+        tags: version tags (the evidence).
+        alias: alias moved to the new version.
+        description: version description.
+
+    Returns:
+        The registered ``ModelVersion``.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    version = client.create_model_version(
+        name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, description=description or None
+    )
+    client.set_registered_model_alias(name, alias, version.version)
+    logger.info("registered %s version %s -> %s (alias %s)", name, version.version, source, alias)
+    return client.get_model_version(name, version.version)
+
+
 class _active_run:
     """Make ``run_id`` the fluent API's active run for a block (it already is when called from a tracked run)."""
 

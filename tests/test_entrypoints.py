@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from avlm.errors import ConfigError
-from avlm.recipes import caption, cvs
+from avlm.recipes import caption, cvs, probe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -53,6 +53,9 @@ def test_every_example_parses_and_opens_with_its_command(path):
     elif path.parent.name == "caption":
         cfg = caption.load_caption_config(path)
         assert cfg.registry.name.startswith("avlm-caption") and cfg.train.monitor == "val/SPIDEr"
+    elif path.parent.name == "probe":
+        cfg = probe.load_probe_config(path)
+        assert cfg.registry.name == "avlm-probe-backbone" and cfg.gate.select_on == "val"
     else:
         assert isinstance(yaml.safe_load(path.read_text()), dict)
 
@@ -72,31 +75,47 @@ SHORTCUT_SAMPLES = {
     "seed": "3",
     "register_as": "m",
     "resume": "0123",
+    "manifest": "/data/clips.csv",
+    "checkpoint": "/ckpt/backbone.safetensors",
+    "pretext_steps": "0",
+    "seeds": "[1, 2]",
+    "required_delta": "0.02",
 }
 
 
 @pytest.mark.parametrize(
-    "name, load, required",
+    "name, load, required, demo_data",
     [
-        ("train_cvs", cvs.load_cvs_config, {"backbone", "lora_r"}),
-        ("train_caption", caption.load_caption_config, {"encoder", "lm", "fusion", "fusion_layers"}),
+        ("train_cvs", cvs.load_cvs_config, {"backbone", "lora_r", "data_dir", "seed"}, "data.data_dir"),
+        (
+            "train_caption",
+            caption.load_caption_config,
+            {"encoder", "lm", "fusion", "fusion_layers", "data_dir", "seed"},
+            "data.data_dir",
+        ),
+        ("probe", probe.load_probe_config, {"manifest", "backbone", "checkpoint", "seeds"}, "data.manifest"),
     ],
 )
-def test_mlproject_entry_point_maps_onto_the_config(name, load, required):
+def test_mlproject_entry_point_maps_onto_the_config(name, load, required, demo_data):
     from mlflow.projects._project_spec import load_project
 
     entry = load_project(str(REPO)).get_entry_point(name)
-    assert required | {"config", "data_dir", "epochs", "seed", "register_as"} <= set(entry.parameters)
+    assert required | {"config", "epochs", "register_as"} <= set(entry.parameters)
     module = load_entrypoint(name)
     assert set(entry.parameters) - {"config"} == set(module.SHORTCUTS)
     for shortcut, key in module.SHORTCUTS.items():
         assert f"--{shortcut} {{{shortcut}}}" in entry.command
         cfg = load(None, [f"{key}={SHORTCUT_SAMPLES[shortcut]}"])  # every shortcut names a real config key
-        section, _, field = key.rpartition(".")
-        value = getattr(getattr(cfg, section) if section else cfg, field)
+        value = config_value(cfg, key)
         assert value == yaml.safe_load(SHORTCUT_SAMPLES[shortcut]) or str(value) == SHORTCUT_SAMPLES[shortcut]
     cfg = load(REPO / entry.parameters["config"].default)
-    assert cfg.data.data_dir == ""  # the default config runs on built-in demo data
+    assert config_value(cfg, demo_data) == ""  # the default config runs on built-in demo data
+
+
+def config_value(cfg, dotted_key):
+    for part in dotted_key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def failed_run_and_registry(uri):
@@ -291,3 +310,28 @@ def test_mlflow_run_train_caption_end_to_end(tmp_path, mlflow_store):
     version = client.get_model_version_by_alias("avlm-caption", "champion")
     assert version.run_id == run.info.run_id and "candidate" in version.aliases
     assert "best val/CIDEr_D" in done.stdout and "Registered avlm-caption version 1" in done.stdout
+
+
+@pytest.mark.slow
+def test_mlflow_run_probe_end_to_end(tmp_path, mlflow_store):
+    config = tmp_path / "tiny_probe.yaml"
+    config_data = yaml.safe_load((REPO / "examples/probe/demo_fail.yaml").read_text())
+    config_data["grid"].update(poolings=["mean_visible"], optimizers=["adamw"])
+    config_data["sanity"].update(epochs=20)
+    config_data.update(output_dir=str(tmp_path / "outputs"), tracking={"system_metrics": False})
+    config.write_text(yaml.safe_dump(config_data))
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "probe", "--env-manager", "local"]
+    command += ["--experiment-name", "avlm-probe", "-P", f"config={config}", "-P", "epochs=5", "-P", "seeds=[1,2]"]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=subprocess_env(tmp_path, mlflow_store), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("avlm-probe").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.project.entryPoint"] == "probe"
+    assert parent.data.tags["gate"] == "FAIL" and parent.data.params["cfg.train.epochs"] == "5"
+    assert sorted(c.info.run_name for c in children) == ["mean_visible-adamw-seed1", "mean_visible-adamw-seed2"]
+    assert "probe gate FAIL" in done.stdout and "Nothing registered (the gate failed)." in done.stdout
+    assert client.search_registered_models() == []

@@ -61,7 +61,7 @@ class PretextConfig:
         steps: optimizer steps; 0 skips the pretext and leaves the backbone untouched (the control that must fail).
         batch_size: clips per step (fewer if the dataset is smaller).
         lr: peak AdamW learning rate, reached after ``warmup_steps`` and followed by a cosine decay to 0.
-        warmup_steps: linear warm-up steps; at most ``steps``.
+        warmup_steps: linear warm-up steps (all of them when ``steps`` is smaller).
         weight_decay: AdamW weight decay of the weight matrices (biases and norms are not decayed).
         mask_ratio: fraction of the patches blanked in each clip, strictly between 0 and 1.
         normalize_targets: predict each patch's pixels standardised by their own mean and std (MAE's
@@ -95,10 +95,8 @@ class PretextConfig:
             raise ConfigError(f"config key 'pretext.steps' must be >= 0 (0 skips the pretext), got {self.steps}")
         if self.batch_size < 1:
             raise ConfigError(f"config key 'pretext.batch_size' must be >= 1, got {self.batch_size}")
-        if not 0 <= self.warmup_steps <= max(self.steps, 0):
-            raise ConfigError(
-                f"config key 'pretext.warmup_steps' must be between 0 and steps={self.steps}, got {self.warmup_steps}"
-            )
+        if self.warmup_steps < 0:
+            raise ConfigError(f"config key 'pretext.warmup_steps' must be >= 0, got {self.warmup_steps}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"config key 'pretext.lr' must be a positive number, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)) or (
@@ -118,7 +116,7 @@ class PretextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PatchGrid:
+class PatchGrid:
     """How the backbone's tokens tile a clip: token k covers frames of one tubelet and one square patch.
 
     Tokens are ordered (time, row, column), the order of V-JEPA 2's Conv3d patch embedding.
@@ -153,8 +151,13 @@ class _PatchGrid:
         return mask.reshape(batch, self.time * self.frames_per_token, 1, self.side * self.patch, self.side * self.patch)
 
 
-def _patch_grid(backbone: VideoBackbone, objective: str) -> _PatchGrid:
-    """The token grid of a backbone with one token per spatio-temporal patch; ModelError for any other."""
+def token_patch_grid(backbone: VideoBackbone, purpose: str) -> PatchGrid:
+    """The token grid of a backbone with one token per spatio-temporal patch; ModelError for any other.
+
+    Args:
+        backbone: the backbone.
+        purpose: what needs the grid, named in the error (e.g. ``pretext objective 'masked_pixels'``).
+    """
     config = getattr(backbone.base_model(), "config", None)
     patch = getattr(config, "patch_size", None)
     frames, size = backbone.num_frames, backbone.image_size
@@ -165,11 +168,11 @@ def _patch_grid(backbone: VideoBackbone, objective: str) -> _PatchGrid:
     time_steps = num_tokens // (side * side) if side else 0
     if not time_steps or time_steps * side * side != num_tokens or frames % time_steps:
         raise ModelError(
-            f"pretext objective '{objective}' needs a backbone with one token per spatio-temporal patch (e.g. "
+            f"{purpose} needs a backbone with one token per spatio-temporal patch (e.g. "
             f"vjepa2-tiny); backbone '{backbone.name}' gives {num_tokens} tokens for {frames} frames of "
             f"{size}x{size} with patch size {patch}"
         )
-    return _PatchGrid(time=time_steps, side=side, frames_per_token=frames // time_steps, patch=patch)
+    return PatchGrid(time=time_steps, side=side, frames_per_token=frames // time_steps, patch=patch)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -258,7 +261,7 @@ def pretrain_backbone(
     parameters = [p for p in backbone.parameters() if p.requires_grad]
     if not parameters:
         raise ModelError(f"backbone '{backbone.name}' has no trainable parameters to pretrain")
-    grid = _patch_grid(backbone, cfg.objective)
+    grid = token_patch_grid(backbone, f"pretext objective '{cfg.objective}'")
     with _seeded(cfg.seed):
         pixel_head = nn.Linear(backbone.feature_dim, grid.pixels_per_token).to(device)
     clips = _UnlabelledClips(dataset, cfg.batch_size, cfg.seed, cfg.cache_clips)
@@ -272,7 +275,7 @@ def pretrain_backbone(
         lr=cfg.lr,
         weight_decay=0.0,
     )
-    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps)
 
     was_training = backbone.training
     backbone.train()

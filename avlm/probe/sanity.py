@@ -70,8 +70,9 @@ def split_hygiene(
     val_ids: Iterable[Any],
     *,
     name: str = "split_hygiene",
+    other: str = "val",
 ) -> SanityResult:
-    """Train and val share no group key (scene, video, patient) and no sample id.
+    """Train and val (or another held-out split) share no group key (scene, video, patient) and no sample id.
 
     A shared group leaks near-duplicate samples from train into val; a shared sample id is the same sample in both.
     Either inflates the val number of whichever features memorise best. An empty split fails too: a check run
@@ -81,9 +82,10 @@ def split_hygiene(
         train_groups / val_groups: the group key of each sample (or the set of keys) of each split.
         train_ids / val_ids: the sample ids of each split.
         name: the check's name in the report (e.g. ``split_hygiene_seed1`` when run once per seed's split).
+        other: the held-out split's name (``val``, ``test``), used in the figures' names and the message.
 
     Returns:
-        Figures: unique ``train_groups``, ``val_groups``, ``group_overlap``, ``train_ids``, ``val_ids``,
+        Figures: unique ``train_groups``, ``<other>_groups``, ``group_overlap``, ``train_ids``, ``<other>_ids``,
         ``id_overlap`` counts.
     """
     train_group_set, val_group_set = set(train_groups), set(val_groups)
@@ -92,23 +94,23 @@ def split_hygiene(
     shared_ids = train_id_set & val_id_set
     figures = {
         "train_groups": len(train_group_set),
-        "val_groups": len(val_group_set),
+        f"{other}_groups": len(val_group_set),
         "group_overlap": len(shared_groups),
         "train_ids": len(train_id_set),
-        "val_ids": len(val_id_set),
+        f"{other}_ids": len(val_id_set),
         "id_overlap": len(shared_ids),
     }
     problems = []
     if not (train_group_set and val_group_set and train_id_set and val_id_set):
         problems.append("a split has no groups or no ids: the check ran on nothing")
     if shared_groups:
-        problems.append(f"{len(shared_groups)} group key(s) in both train and val: {_named_keys(shared_groups)}")
+        problems.append(f"{len(shared_groups)} group key(s) in both train and {other}: {_named_keys(shared_groups)}")
     if shared_ids:
-        problems.append(f"{len(shared_ids)} sample id(s) in both train and val: {_named_keys(shared_ids)}")
+        problems.append(f"{len(shared_ids)} sample id(s) in both train and {other}: {_named_keys(shared_ids)}")
     if problems:
         return SanityResult(name, False, figures, "; ".join(problems))
     message = (
-        f"train and val are disjoint: {len(train_group_set)} vs {len(val_group_set)} groups, "
+        f"train and {other} are disjoint: {len(train_group_set)} vs {len(val_group_set)} groups, "
         f"{len(train_id_set)} vs {len(val_id_set)} samples"
     )
     return SanityResult(name, True, figures, message)

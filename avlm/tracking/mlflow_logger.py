@@ -16,7 +16,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ class MLflowLogger:
         self._write_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._flush_every_s = flush_every_s
+        self.flush_every_s = flush_every_s
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._flush_loop, name="avlm-mlflow-flush", daemon=True)
         self._thread.start()
@@ -127,7 +127,7 @@ class MLflowLogger:
 
     def _flush_loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self._flush_every_s)
+            self._wake.wait(self.flush_every_s)
             self._wake.clear()
             try:
                 self._write_pending()
@@ -228,9 +228,61 @@ def tracked_run(
     if not resume_run_id:
         run_logger.set_tags({"mlflow.runName": run_name})
     logger.info("MLflow run %s (%s) at %s", run_id, run_name, mlflow.get_tracking_uri())
+    with _ended_with_status(lambda status: _close_then(run_logger, lambda: mlflow.end_run(status=status))):
+        yield run_logger
+
+
+@contextlib.contextmanager
+def nested_run(
+    parent: MLflowLogger | NullLogger, *, run_name: str, tags: Mapping[str, Any] | None = None
+) -> Iterator[MLflowLogger | NullLogger]:
+    """A child run of ``parent``'s run, in the same experiment (the UI shows it under its parent); ended FINISHED,
+    or FAILED on an exception. A :class:`NullLogger` parent (a rank other than the main one) gets a NullLogger.
+
+    The child is made with the client, not ``mlflow.start_run``, so the parent stays the active run.
+    """
+    if parent.run_id is None:
+        yield NullLogger()
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = client.get_run(parent.run_id).info.experiment_id
+    child_tags = {"mlflow.parentRunId": parent.run_id, **{k: str(v) for k, v in (tags or {}).items()}}
+    run = client.create_run(experiment_id, run_name=run_name, tags=child_tags)
+    child = MLflowLogger(run.info.run_id, flush_every_s=getattr(parent, "flush_every_s", 5.0))
+    with _ended_with_status(lambda status: _close_then(child, lambda: client.set_terminated(run.info.run_id, status))):
+        yield child
+
+
+class PrefixedLogger:
+    """A logger that puts ``prefix`` before every metric name, so that two trainings can share one run
+    (``pretrained/val/mAP`` and ``random/val/mAP``); everything else goes to the wrapped logger unchanged."""
+
+    def __init__(self, inner: MLflowLogger | NullLogger, prefix: str):
+        self.inner = inner
+        self.prefix = prefix
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        self.inner.log_metrics({f"{self.prefix}{key}": value for key, value in metrics.items()}, step)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _close_then(run_logger: MLflowLogger, end: Callable[[], Any]) -> None:
+    try:
+        run_logger.close()
+    finally:
+        end()
+
+
+@contextlib.contextmanager
+def _ended_with_status(end: Callable[[str], Any]) -> Iterator[None]:
+    """Run the block, then ``end(status)``: FINISHED, KILLED on Ctrl-C, FAILED on any other exception."""
     status = "FINISHED"
     try:
-        yield run_logger
+        yield
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -238,7 +290,4 @@ def tracked_run(
         status = "FAILED"
         raise
     finally:
-        try:
-            run_logger.close()
-        finally:
-            mlflow.end_run(status=status)
+        end(status)

@@ -177,6 +177,7 @@ def fit(
     trainable_state: Callable[[], dict[str, torch.Tensor]],
     state: LoopState | None = None,
     on_checkpoint: Callable[[Path, str], None] | None = None,
+    verbose: bool = True,
 ) -> LoopState:
     """Train until ``cfg.epochs`` or early stopping; return the final loop state.
 
@@ -185,6 +186,8 @@ def fit(
     at the current optimizer step; every optimizer step logs ``train/step_loss`` and ``lr``.
     The main process writes ``checkpoint_dir/last`` (with optimizer state) every epoch and ``checkpoint_dir/best``
     whenever the monitored metric improves, then calls ``on_checkpoint(path, "last"|"best")``.
+    ``verbose=False`` drops the per-epoch progress bar and log line (to DEBUG) for callers that train many small
+    models and show their own progress.
 
     Raises:
         TrainingError: the loss became NaN or infinite (the message names the epoch and step).
@@ -204,7 +207,7 @@ def fit(
         progress = tqdm(
             train_loader,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not accelerator.is_local_main_process,
+            disable=not (verbose and accelerator.is_local_main_process),
             leave=False,
         )
         for batch in progress:
@@ -266,7 +269,8 @@ def fit(
             {**row, "best/" + cfg.monitor: state.best_value if state.best_value is not None else float("nan")},
             step=state.global_step,
         )
-        logger.info(
+        logger.log(
+            logging.INFO if verbose else logging.DEBUG,
             "epoch %d/%d  train loss %.4f  %s %.4f  (best %.4f at epoch %d)",
             epoch + 1, cfg.epochs, row["train/loss"], cfg.monitor, row[cfg.monitor],
             state.best_value if state.best_value is not None else float("nan"), state.best_epoch,

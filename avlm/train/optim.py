@@ -9,10 +9,23 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
+OPTIMIZERS = ("adamw", "sgd")
 
-def build_optimizer(param_groups: Sequence[dict]) -> torch.optim.AdamW:
-    """AdamW over groups that each carry their own ``lr`` and ``weight_decay``."""
-    return torch.optim.AdamW([dict(g) for g in param_groups])
+
+def build_optimizer(param_groups: Sequence[dict], kind: str = "adamw", momentum: float = 0.9) -> torch.optim.Optimizer:
+    """AdamW (or SGD with momentum) over groups that each carry their own ``lr`` and ``weight_decay``.
+
+    Args:
+        param_groups: torch parameter groups, each with ``params``, ``lr`` and ``weight_decay``.
+        kind: ``adamw`` (decoupled weight decay) or ``sgd`` (L2 weight decay, heavy-ball ``momentum``).
+        momentum: SGD momentum; ignored by AdamW.
+    """
+    groups = [dict(g) for g in param_groups]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
+    raise ValueError(f"unknown optimizer {kind!r}: use one of {list(OPTIMIZERS)}")
 
 
 def build_scheduler(

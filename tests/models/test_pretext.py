@@ -15,7 +15,7 @@ from avlm.models import (
     pretrain_backbone,
     save_backbone_checkpoint,
 )
-from avlm.models.pretext import _patch_grid
+from avlm.models.pretext import token_patch_grid
 
 
 class RampClips(torch.utils.data.Dataset):
@@ -75,7 +75,7 @@ def quick(**overrides):
 def test_defaults_are_valid_and_zero_steps_is_allowed():
     cfg = PretextConfig()
     assert (cfg.objective, cfg.steps, cfg.mask_ratio) == ("masked_pixels", 600, 0.5)
-    assert PretextConfig(steps=0, warmup_steps=0).steps == 0
+    assert PretextConfig(steps=0).steps == 0  # the default warm-up is cut to the steps
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_defaults_are_valid_and_zero_steps_is_allowed():
         ({"steps": -1}, "pretext.steps"),
         ({"steps": 2.5}, "pretext.steps"),
         ({"batch_size": 0}, "pretext.batch_size"),
-        ({"steps": 10, "warmup_steps": 11}, "pretext.warmup_steps"),
+        ({"steps": 10, "warmup_steps": -1}, "pretext.warmup_steps"),
         ({"lr": 0.0}, "pretext.lr"),
         ({"lr": math.nan}, "pretext.lr"),
         ({"weight_decay": -0.1}, "pretext.weight_decay"),
@@ -102,7 +102,7 @@ def test_bad_config_names_the_key(overrides, key):
 
 def test_patch_grid_follows_the_backbone_token_order():
     backbone = build_backbone("vjepa2-tiny", init_seed=0)
-    grid = _patch_grid(backbone, "masked_pixels")
+    grid = token_patch_grid(backbone, "masked_pixels")
     assert (grid.time, grid.side, grid.frames_per_token, grid.patch) == (2, 4, 2, 8)
     assert (grid.num_tokens, grid.pixels_per_token) == (32, 2 * 8 * 8 * 3)
     embed = backbone.model.encoder.embeddings
