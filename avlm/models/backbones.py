@@ -9,7 +9,9 @@
 
 Every backbone takes ``pixel_values`` of shape (B, T, C, H, W), already resized to ``image_size`` and
 normalised with the backbone's ``mean`` / ``std`` (the data pipeline does both), and returns tokens (B, N, D):
-V-JEPA 2 gives one token per spatio-temporal tubelet; timm models give one pooled feature per frame (N = T).
+V-JEPA 2 gives one token per spatio-temporal tubelet; timm models give one pooled feature per frame (N = T), or
+with ``frame_tokens="all"`` (ViTs) every token of every frame, CLS/register tokens included, which
+``prefix_token_mask`` marks.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -201,6 +203,10 @@ class VideoBackbone(nn.Module):
         """
         raise NotImplementedError
 
+    def prefix_token_mask(self) -> torch.Tensor | None:
+        """(N,) bool: which output tokens are CLS/register tokens rather than patch features; None when none are."""
+        return None
+
     def identify_weights(self, weights_sha256: str) -> None:
         """Key ``fingerprint()`` on these weights instead of the init they started from (after pretraining or
         loading a checkpoint): the feature cache must not serve a random-init copy's tokens for them."""
@@ -273,15 +279,29 @@ class VJEPA2Backbone(VideoBackbone):
 
 
 class TimmFrameBackbone(VideoBackbone):
-    """A timm image model applied to each frame; tokens are the pooled per-frame features, (B, T, D).
+    """A timm image model applied to each frame; tokens are the pooled per-frame features, (B, T, D), or with
+    ``frame_tokens="all"`` (ViTs only) every frame's tokens in time order, (B, T·(P + patches), D), P being the
+    model's CLS/register tokens (``num_prefix_tokens``).
 
     Attentions (ViT-style models only) come per block with the frames folded into the batch:
     (B·T, heads, N, N), N = prefix tokens + patches. Models without ``blocks[i].attn`` return None.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, frame_tokens: str = "pooled", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.frame_tokens = frame_tokens
         self._warned_no_attention = False
+
+    def prefix_token_mask(self) -> torch.Tensor | None:
+        if self.frame_tokens != "all":
+            return None
+        base = self.base_model()
+        prefix, patches = int(base.num_prefix_tokens), int(base.patch_embed.num_patches)
+        if prefix == 0:
+            return None
+        per_frame = torch.zeros(prefix + patches, dtype=torch.bool)
+        per_frame[:prefix] = True
+        return per_frame.repeat(self.num_frames)
 
     def _attention_modules(self) -> list[nn.Module] | None:
         blocks = getattr(self.base_model(), "blocks", None)
@@ -315,14 +335,17 @@ class TimmFrameBackbone(VideoBackbone):
             module.fused_attn = False
             hooks.append(module.attn_drop.register_forward_pre_hook(lambda _m, args: captured.append(args[0])))
         try:
-            features = base.forward_head(base.forward_features(images), pre_logits=True)
+            features = base.forward_features(images)
+            if self.frame_tokens == "pooled":
+                features = base.forward_head(features, pre_logits=True)
         finally:
             for hook in hooks:
                 hook.remove()
             for module, fused in was_fused.items():
                 module.fused_attn = fused
 
-        tokens = features.reshape(batch, frames, -1)
+        # pooled: (B·T, D) → (B, T, D); all: (B·T, P + patches, D) → (B, T·(P + patches), D), frame by frame
+        tokens = features.reshape(batch, -1, features.shape[-1])
         return BackboneOutput(tokens=tokens, attentions=captured if attention_modules is not None else None)
 
     def blocks(self) -> nn.ModuleList:
@@ -413,6 +436,7 @@ def _build_timm(
     image_size: int | None,
     pretrained: bool,
     init_seed: int,
+    frame_tokens: str = "pooled",
     extra_kwargs: dict[str, Any] | None = None,
 ) -> VideoBackbone:
     import timm
@@ -437,6 +461,8 @@ def _build_timm(
             model = create(**kwargs)
     except (RuntimeError, OSError) as exc:  # unknown model name, or weights that cannot be fetched
         raise ModelError(f"could not build backbone '{spec}': {exc}") from exc
+    if frame_tokens == "all" and not hasattr(getattr(model, "patch_embed", None), "num_patches"):
+        raise ModelError(f"backbone '{spec}': frame_tokens='all' needs a ViT (patch tokens); use 'pooled'")
 
     data_config = resolve_data_config({}, model=model)
     size = image_size or getattr(getattr(model, "patch_embed", None), "img_size", None) or data_config["input_size"][1:]
@@ -447,10 +473,12 @@ def _build_timm(
         "kwargs": kwargs,
         "pretrained_cfg": pretrained_cfg,
         "pretrained": pretrained,
+        "frame_tokens": frame_tokens,
     }
     if not pretrained:
         identity["init_seed"] = init_seed
     return TimmFrameBackbone(
+        frame_tokens=frame_tokens,
         name=spec,
         model=model.eval(),
         feature_dim=getattr(model, "head_hidden_size", None) or model.num_features,
@@ -464,7 +492,13 @@ def _build_timm(
 
 
 def build_backbone(
-    spec: str, *, num_frames: int = 4, image_size: int | None = None, pretrained: bool = True, init_seed: int = 0
+    spec: str,
+    *,
+    num_frames: int = 4,
+    image_size: int | None = None,
+    pretrained: bool = True,
+    init_seed: int = 0,
+    frame_tokens: Literal["pooled", "all"] = "pooled",
 ) -> VideoBackbone:
     """Build a video backbone from its spec.
 
@@ -474,6 +508,8 @@ def build_backbone(
         image_size: square input size; None keeps the model's own (V-JEPA 2 crop size, timm input size).
         pretrained: load the published weights (``vjepa2:`` / ``timm:``); the tiny specs are always random.
         init_seed: seed of the random initialisation; the caller's RNG state is left untouched.
+        frame_tokens: timm only: ``pooled`` (one feature per frame) or ``all`` (every token of every frame, CLS and
+            register tokens included; ViTs only). V-JEPA 2 has no pooled form and accepts ``pooled`` only.
 
     Returns:
         The backbone, in eval mode, with every parameter trainable until an adaptation mode freezes them.
@@ -484,6 +520,8 @@ def build_backbone(
     if not isinstance(spec, str) or not spec.strip():
         raise ModelError(f"unknown backbone {spec!r}: {_SPEC_HELP}")
     spec = spec.strip()
+    if frame_tokens not in ("pooled", "all") or (frame_tokens == "all" and not spec.startswith("timm")):
+        raise ModelError(f"backbone '{spec}': frame_tokens={frame_tokens!r} applies to timm ViTs only ('all')")
     common = dict(num_frames=num_frames, image_size=image_size, init_seed=init_seed)
     if spec == "vjepa2-tiny":
         return _build_vjepa2(spec, None, pretrained=False, **common)
@@ -494,9 +532,10 @@ def build_backbone(
             spec,
             "vit_tiny_patch16_224",
             pretrained=False,
+            frame_tokens=frame_tokens,
             extra_kwargs=_TIMM_TINY_KWARGS,
             **{**common, "image_size": image_size or _TIMM_TINY_KWARGS["img_size"]},
         )
     if spec.startswith("timm:") and spec[len("timm:") :]:
-        return _build_timm(spec, spec[len("timm:") :], pretrained=pretrained, **common)
+        return _build_timm(spec, spec[len("timm:") :], pretrained=pretrained, frame_tokens=frame_tokens, **common)
     raise ModelError(f"unknown backbone '{spec}': {_SPEC_HELP}")

@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from avlm.errors import ConfigError, ModelError, TrainingError
@@ -281,7 +282,8 @@ def pretrain_backbone(
     backbone.train()
     losses: list[float] = []
     try:
-        for step in range(cfg.steps):
+        progress = tqdm(range(cfg.steps), desc=f"pretext {cfg.objective}", leave=False)
+        for step in progress:
             pixels = clips.next_batch().to(device)
             batch = pixels.shape[0]
             order = torch.rand(batch, grid.num_tokens, generator=masks).argsort(dim=1)
@@ -302,6 +304,7 @@ def pretrain_backbone(
             optimizer.step()
             schedule.step()
             losses.append(float(loss.detach()))
+            progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     finally:
         backbone.train(was_training)
         optimizer.zero_grad(set_to_none=True)

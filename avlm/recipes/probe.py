@@ -30,9 +30,10 @@ import dataclasses
 import json
 import logging
 import zlib
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -103,6 +104,7 @@ class ProbeDataConfig:
         masked-video model sees its inputs; > 0 enables the ``mean_visible`` pooling. Needs a backbone with one
         token per spatio-temporal patch (V-JEPA 2).
     input_mask_seed: seed of those masks.
+    limit_clips: keep only the first N clips of each split (quick checks); 0 = all.
     """
 
     manifest: str = ""
@@ -114,11 +116,12 @@ class ProbeDataConfig:
     max_val_clips: int = 0
     input_mask_ratio: float = 0.0
     input_mask_seed: int = 0
+    limit_clips: int = 0
 
     def __post_init__(self) -> None:
         if self.clip_frames < 1:
             raise ConfigError(f"config key 'data.clip_frames' must be >= 1, got {self.clip_frames}")
-        for key in ("max_train_clips", "max_val_clips"):
+        for key in ("max_train_clips", "max_val_clips", "limit_clips"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key 'data.{key}' must be >= 0 (0 = all), got {getattr(self, key)}")
         if not 0 <= self.input_mask_ratio < 1:
@@ -133,6 +136,8 @@ class ProbeBackboneConfig:
     checkpoint: a safetensors state dict (``save_backbone_checkpoint``) of the same architecture, loaded into the
         pretrained copy; a mismatch is an error naming the keys.
     init_seed: seed of the random initialisation of both copies (before any loading or pretext).
+    frame_tokens: timm ViTs: ``pooled`` (one feature per frame) or ``all`` (every token of every frame, CLS and
+        register tokens included, which ``mean_excluding_cls`` leaves out).
     pretext: a self-supervised pretext run on the unlabelled train clips to make the pretrained copy (steps 0 =
         none). The demo uses it; with real weights leave it off.
     """
@@ -141,6 +146,7 @@ class ProbeBackboneConfig:
     pretrained: bool = True
     checkpoint: str = ""
     init_seed: int = 0
+    frame_tokens: Literal["pooled", "all"] = "pooled"
     pretext: PretextConfig = dataclasses.field(default_factory=lambda: PretextConfig(steps=0))
 
 
@@ -293,6 +299,9 @@ def load_probe_manifest(cfg: ProbeDataConfig) -> tuple[ClipManifest, str]:
     manifest = load_clip_manifest(
         path, clip_frames=cfg.clip_frames, label_names=cfg.label_names or None, required_splits=("train", "val")
     )
+    if cfg.limit_clips:
+        kept = [c for clips in manifest.by_split().values() for c in clips[: cfg.limit_clips]]
+        manifest = dataclasses.replace(manifest, clips=[c for c in manifest.clips if c in kept])
     return manifest, name
 
 
@@ -337,9 +346,15 @@ def seed_subset(size: int, limit: int, seed: int) -> np.ndarray:
 # Backbones: the pretrained one and its random-init copy
 # ----------------------------------------------------------------------------------------------------------------
 def build_backbone_pair(
-    cfg: ProbeBackboneConfig, num_frames: int, pretext_clips: torch.utils.data.Dataset, accelerator: Any, out: Path
+    cfg: ProbeBackboneConfig,
+    num_frames: int,
+    pretext_clips: Callable[[VideoBackbone], torch.utils.data.Dataset],
+    accelerator: Any,
+    out: Path,
 ) -> tuple[VideoBackbone, VideoBackbone, dict[str, Any]]:
     """The pretrained backbone, its random-init copy (same spec, sizes and init seed) and how the first was made.
+
+    ``pretext_clips(backbone)`` gives the unlabelled clips of the pretext, prepared as the backbone expects.
 
     The pretext runs on the main process, which saves the result for the other ranks to load: every rank must
     probe the same weights.
@@ -349,18 +364,19 @@ def build_backbone_pair(
         random init), ``source`` (what a registered version points at), ``checkpoint`` (a file of this run, or
         None) and the pretext's figures.
     """
-    pretrained = build_backbone(cfg.spec, num_frames=num_frames, pretrained=cfg.pretrained, init_seed=cfg.init_seed)
-    random_copy = build_backbone(cfg.spec, num_frames=num_frames, pretrained=False, init_seed=cfg.init_seed)
+    common = {"num_frames": num_frames, "init_seed": cfg.init_seed, "frame_tokens": cfg.frame_tokens}
+    pretrained = build_backbone(cfg.spec, pretrained=cfg.pretrained, **common)
+    random_copy = build_backbone(cfg.spec, pretrained=False, **common)
     hub_weights = cfg.pretrained and ":" in cfg.spec
     status: dict[str, Any] = {"pretrained_status": "hub weights" if hub_weights else "random init", "checkpoint": None}
-    status["source"] = cfg.spec.replace("vjepa2:", "hf://", 1) if hub_weights else ""
+    status["source"] = _weights_reference(cfg.spec) if hub_weights else ""
     if cfg.checkpoint:
         load_backbone_checkpoint(pretrained, cfg.checkpoint)
         status.update(pretrained_status=f"checkpoint {cfg.checkpoint}", source=str(Path(cfg.checkpoint).resolve()))
     if cfg.pretext.steps:
         path = out / "backbone" / "pretrained.safetensors"
         if accelerator.is_main_process:
-            figures = pretrain_backbone(pretrained, pretext_clips, cfg.pretext, device=accelerator.device)
+            figures = pretrain_backbone(pretrained, pretext_clips(pretrained), cfg.pretext, device=accelerator.device)
             save_backbone_checkpoint(pretrained, path)
             status["pretext"] = {k: v for k, v in figures.items() if k != "losses"} | {"losses": figures["losses"]}
         accelerator.wait_for_everyone()
@@ -377,6 +393,14 @@ def build_backbone_pair(
     for backbone in (pretrained, random_copy):
         backbone.requires_grad_(False).eval().to(accelerator.device)
     return pretrained, random_copy, status
+
+
+def _weights_reference(spec: str) -> str:
+    """Where published weights come from: a local folder's absolute path, ``hf://<id>``, or the timm spec."""
+    kind, _, source = spec.partition(":")
+    if kind == "vjepa2":
+        return str(Path(source).resolve()) if Path(source).exists() else f"hf://{source}"
+    return spec
 
 
 def pooling_unavailable(pooling: str, backbone: VideoBackbone, masked: bool) -> str | None:
@@ -704,7 +728,7 @@ def main(cfg: ProbeConfig) -> ProbeResult:
         out = Path(cfg.output_dir) / f"{run_name}-{(run_id or 'local')[:8]}"
         config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
-        # -- 1. data: the manifest's clips, masked if asked ------------------------------------------------------
+        # -- 1. data: the manifest ----------------------------------------------------------------------------------
         manifest, dataset_name = load_probe_manifest(cfg.data)
         splits = [s for s in ("train", "val", "test") if s in manifest.by_split()]
         if cfg.gate.evaluate_on not in splits:
@@ -712,20 +736,24 @@ def main(cfg: ProbeConfig) -> ProbeResult:
                 f"config key 'gate.evaluate_on' = {cfg.gate.evaluate_on!r}, but {manifest.path} has no such split; "
                 "add one, or evaluate on val (the split the configuration is chosen on: an optimistic figure)"
             )
-        layout = build_backbone(cfg.backbone.spec, num_frames=cfg.data.clip_frames, pretrained=False)
-        clips: dict[str, Any] = {s: manifest.dataset(s, layout.image_size, layout.mean, layout.std) for s in splits}
+        # -- 2. backbones: the pretrained one and its random-init copy -------------------------------------------
+        pretrained, random_copy, status = build_backbone_pair(
+            cfg.backbone,
+            cfg.data.clip_frames,
+            lambda backbone: manifest.dataset("train", backbone.image_size, backbone.mean, backbone.std),
+            accelerator,
+            out,
+        )
+        clips: dict[str, Any] = {
+            s: manifest.dataset(s, pretrained.image_size, pretrained.mean, pretrained.std) for s in splits
+        }
         masked = cfg.data.input_mask_ratio > 0
         if masked:
-            grid = token_patch_grid(layout, "data.input_mask_ratio (masked inputs)")
+            grid = token_patch_grid(pretrained, "data.input_mask_ratio (masked inputs)")
             clips = {
                 s: MaskedInputs(ds, grid, cfg.data.input_mask_ratio, cfg.data.input_mask_seed)
                 for s, ds in clips.items()
             }
-
-        # -- 2. backbones: the pretrained one and its random-init copy -------------------------------------------
-        pretrained, random_copy, status = build_backbone_pair(
-            cfg.backbone, cfg.data.clip_frames, clips["train"], accelerator, out
-        )
         poolings, skipped = available_poolings(cfg.grid.poolings, pretrained, masked)
         for pooling, reason in skipped.items():
             logger.warning("pooling %s skipped: %s", pooling, reason)
@@ -763,7 +791,7 @@ def main(cfg: ProbeConfig) -> ProbeResult:
             trainable_params=0,
             total_params=sum(p.numel() for p in pretrained.parameters()),
         )
-        if status["checkpoint"] is not None:
+        if "pretext" in status:  # figures of the pretext, which ran on the main process
             for step, loss in enumerate(status["pretext"]["losses"]):
                 run_logger.log_metrics({"pretext/loss": loss}, step=step)
             run_logger.log_metrics({"pretext/seconds": status["pretext"]["seconds"]}, step=0)

@@ -208,3 +208,18 @@ def test_a_label_outside_0_1_and_a_missing_test_split_are_refused(store, demo_ro
     no_test = write_rows(tmp_path / "no_test.csv", [r for r in demo_rows if r["split"] != "test"])
     with pytest.raises(ConfigError, match="gate.evaluate_on"):
         run(store, f"data.manifest={no_test}")
+
+
+def test_a_timm_vit_is_probed_with_and_without_its_cls_tokens(store):
+    result = run(
+        store, "backbone.spec=timm-tiny", "backbone.frame_tokens=all", "backbone.pretext.steps=0",
+        "data.limit_clips=120", "data.input_mask_ratio=0", "grid.poolings=[mean_all,mean_excluding_cls]",
+        "grid.seeds=[1]",
+        "sanity.pooling=mean_excluding_cls", "train.epochs=3", "sanity.epochs=3", "sanity.overfit_threshold=0",
+        "sanity.shuffle_min_drop=-1", "gate.evaluate_on=val",
+    )  # fmt: skip
+    assert result.poolings == ["mean_all", "mean_excluding_cls"] and result.skipped_poolings == {}
+    by_pooling = {c.pooling: c for c in result.cells}
+    assert by_pooling["mean_all"].pre_val != by_pooling["mean_excluding_cls"].pre_val  # different features
+    assert result.decision.delta_mean == 0.0 and not result.decision.passed  # no pretraining: nothing to gain
+    assert {r.figures.get("train_ids") for r in result.sanity if r.name.startswith("split_hygiene")} == {120}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from avlm.errors import ConfigError
+from avlm.errors import ConfigError, ModelError
 from avlm.models import build_backbone
 from avlm.models.pretext import token_patch_grid
 from avlm.recipes import probe
@@ -126,3 +126,22 @@ def test_a_probe_learns_through_the_shared_loop_and_reports_its_first_batch(tmp_
 def test_bad_config_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         probe.load_probe_config(None, [override])
+
+
+def test_a_timm_vit_with_all_frame_tokens_marks_its_cls_tokens_for_mean_excluding_cls():
+    backbone = build_backbone("timm-tiny", num_frames=4, frame_tokens="all")
+    clip = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = backbone(clip).tokens
+    per_frame = 1 + (32 // 8) ** 2  # CLS + 16 patches
+    assert tokens.shape == (2, 4 * per_frame, 48)
+    prefix = backbone.prefix_token_mask()
+    assert prefix.tolist() == ([True] + [False] * 16) * 4
+    torch.testing.assert_close(tokens[1, 2 * per_frame], backbone.base_model().forward_features(clip[1, 2:3])[0, 0])
+    kept, skipped = probe.available_poolings(["mean_all", "mean_excluding_cls"], backbone, masked=False)
+    assert kept == ["mean_all", "mean_excluding_cls"] and not skipped
+    excluding = probe.pooled_features(tokens, "mean_excluding_cls", None, prefix)
+    torch.testing.assert_close(excluding, tokens.reshape(2, 4, per_frame, 48)[:, :, 1:].mean(dim=(1, 2)))
+    assert build_backbone("timm-tiny", num_frames=4).prefix_token_mask() is None  # pooled frames: no CLS left
+    assert backbone.fingerprint() != build_backbone("timm-tiny", num_frames=4).fingerprint()
+    with pytest.raises(ModelError, match="timm ViTs only"):
+        build_backbone("vjepa2-tiny", frame_tokens="all")
