@@ -38,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -725,7 +726,9 @@ def main(cfg: ProbeConfig) -> ProbeResult:
         run_logger.log_params({f"gate.{k}": v for k, v in dataclasses.asdict(cfg.gate).items()})
         run_logger.set_tags({"gate.declared": gate_text, "gate": "PENDING"})
         run_id = run_logger.run_id
-        out = Path(cfg.output_dir) / f"{run_name}-{(run_id or 'local')[:8]}"
+        # One folder for every rank (they load the pretext checkpoint from it), named by the main run's id.
+        (run_tag,) = broadcast_object_list([(run_id or "local")[:8]])
+        out = Path(cfg.output_dir) / f"{run_name}-{run_tag}"
         config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
         # -- 1. data: the manifest ----------------------------------------------------------------------------------
