@@ -4,7 +4,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from avlm.registry import METRIC_VALUE_TAG, RegistryConfig, current_champion, promote_if_better
+from avlm.registry import METRIC_VALUE_TAG, RegistryConfig, current_champion, promote_if_better, register_reference
 
 
 def add_version(name, value):
@@ -75,3 +75,24 @@ def test_negative_margin_is_refused():
 
     with pytest.raises(ConfigError, match="registry.promote_margin"):
         RegistryConfig(promote_margin=-0.1)
+
+
+def test_register_reference_points_at_external_weights_and_moves_its_alias(mlflow_store):
+    with mlflow.start_run() as run:
+        pass
+    first = register_reference(
+        "probe-ref", source="/ckpts/ssl_step6000.safetensors", run_id=run.info.run_id, tags={"gate": "PASS"},
+        alias="probe-pass", description="delta 0.03",
+    )  # fmt: skip
+    second = register_reference(
+        "probe-ref",
+        source="hf://facebook/vjepa2-vitl-fpc16-256-ssv2",
+        run_id=run.info.run_id,
+        tags={},
+        alias="probe-pass",
+    )
+    client = MlflowClient()
+    assert (int(first.version), int(second.version)) == (1, 2)
+    assert first.source == "/ckpts/ssl_step6000.safetensors" and first.tags == {"gate": "PASS"}
+    assert first.description == "delta 0.03" and first.run_id == run.info.run_id
+    assert str(client.get_model_version_by_alias("probe-ref", "probe-pass").version) == str(second.version)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from avlm.tracking import NullLogger, TrackingConfig, tracked_run
+from avlm.tracking import NullLogger, PrefixedLogger, TrackingConfig, nested_run, tracked_run
 
 
 def test_batched_metrics_all_arrive_with_steps_and_scalar_types(mlflow_store):
@@ -58,3 +58,27 @@ def test_other_ranks_never_touch_mlflow(mlflow_store, monkeypatch):
         assert isinstance(run_logger, NullLogger)
         run_logger.log_metrics({"a": 1}, step=1)
         run_logger.log_artifact("nonexistent")
+
+
+def test_nested_runs_sit_under_their_parent_and_end_failed_on_an_error(mlflow_store):
+    cfg = TrackingConfig(system_metrics=False)
+    with tracked_run(cfg, recipe="t", run_name="parent", is_main_process=True) as parent:
+        with nested_run(parent, run_name="child-ok", tags={"seed": 1}) as child:
+            PrefixedLogger(child, "pretrained/").log_metrics({"val/mAP": 0.5}, step=3)
+        with pytest.raises(RuntimeError), nested_run(parent, run_name="child-bad") as bad:
+            bad.log_metrics({"loss": 1.0}, step=0)
+            raise RuntimeError("probe diverged")
+        assert isinstance(nested_run(NullLogger(), run_name="x").__enter__(), NullLogger)
+    client = MlflowClient()
+    children = {
+        r.info.run_name: r
+        for r in client.search_runs(
+            [client.get_run(parent.run_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+        )
+    }
+    assert children["child-ok"].info.status == "FINISHED" and children["child-ok"].data.tags["seed"] == "1"
+    (point,) = client.get_metric_history(children["child-ok"].info.run_id, "pretrained/val/mAP")
+    assert (point.value, point.step) == (0.5, 3)
+    assert children["child-bad"].info.status == "FAILED" and children["child-bad"].data.metrics["loss"] == 1.0
+    assert client.get_run(parent.run_id).info.status == "FINISHED"
