@@ -406,7 +406,7 @@ def _weights_reference(spec: str) -> str:
 
 def pooling_unavailable(pooling: str, backbone: VideoBackbone, masked: bool) -> str | None:
     """Why ``pooling`` cannot be used with this backbone and input, or None if it can."""
-    if pooling == "mean_excluding_cls" and _prefix_tokens(backbone) is None:
+    if pooling == "mean_excluding_cls" and backbone.prefix_token_mask() is None:
         return f"backbone '{backbone.name}' has no CLS or register token"
     if pooling == "mean_visible" and not masked:
         return "inputs are not masked (data.input_mask_ratio is 0)"
@@ -420,12 +420,6 @@ def available_poolings(requested: list[str], backbone: VideoBackbone, masked: bo
     if not kept:
         raise ConfigError(f"config key 'grid.poolings': none of {requested} applies here ({skipped})")
     return kept, skipped
-
-
-def _prefix_tokens(backbone: VideoBackbone) -> torch.Tensor | None:
-    """(L,) bool mask of the CLS/register tokens among the backbone's output tokens, or None if it has none."""
-    mask_of = getattr(backbone, "prefix_token_mask", None)
-    return mask_of() if callable(mask_of) else None
 
 
 def pooled_features(
@@ -829,7 +823,7 @@ def main(cfg: ProbeConfig) -> ProbeResult:
             visible={s: torch.stack([clips[s].visible(c.sample_id) for c in manifest.split(s)]) for s in splits}
             if masked
             else {},
-            prefix=_prefix_tokens(pretrained),
+            prefix=pretrained.prefix_token_mask(),
         )
         subsets_by_seed = {
             seed: {
