@@ -47,7 +47,7 @@ from avlm.data import ClipManifest, default_cache_dir, load_clip_manifest, write
 from avlm.errors import ConfigError
 from avlm.features import TokenDataset, cached_tokens
 from avlm.metrics import mean_average_precision
-from avlm.models import VideoBackbone, build_backbone
+from avlm.models import VideoBackbone, build_backbone, count_parameters
 from avlm.models.heads import AttentivePooler
 from avlm.models.pretext import (
     PatchGrid,
@@ -756,6 +756,13 @@ def main(cfg: ProbeConfig) -> ProbeResult:
             logger.warning("pooling %s skipped: %s", pooling, reason)
         if reason := pooling_unavailable(cfg.sanity.pooling, pretrained, masked):
             raise ConfigError(f"config key 'sanity.pooling' = {cfg.sanity.pooling!r} does not apply here: {reason}")
+        # What trains is one probe at a time on the frozen backbone; the run card counts the grid's largest one.
+        largest_probe = max(
+            count_parameters(
+                LinearProbe(pretrained.feature_dim, len(manifest.label_names), p, heads=cfg.grid.attentive_heads)
+            )[0]
+            for p in poolings
+        )
         record_run_start(
             run_logger,
             cfg=cfg,
@@ -785,8 +792,8 @@ def main(cfg: ProbeConfig) -> ProbeResult:
             },
             num_processes=accelerator.num_processes,
             mixed_precision=cfg.train.mixed_precision,
-            trainable_params=0,
-            total_params=sum(p.numel() for p in pretrained.parameters()),
+            trainable_params=largest_probe,
+            total_params=largest_probe + sum(p.numel() for p in pretrained.parameters()),
         )
         if "pretext" in status:  # figures of the pretext, which ran on the main process
             for step, loss in enumerate(status["pretext"]["losses"]):

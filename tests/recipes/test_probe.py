@@ -85,6 +85,7 @@ def test_run_tree_tags_and_report(passed):
     assert tags["pretrained_status"] == "pretext masked_pixels 300 steps"
     assert "no CLS" in tags["pooling_skipped.mean_excluding_cls"] and tags["sanity.shuffled_label"] == "PASS"
     assert parent.data.metrics["gate/delta_mean"] == pytest.approx(passed.decision.delta_mean)
+    assert parent.data.metrics["params/trainable"] == 48 * 3 + 3  # the largest probe here: linear, 48-d, 3 labels
 
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{passed.run_id}'"
