@@ -379,7 +379,7 @@ def build_backbone_pair(
         if accelerator.is_main_process:
             figures = pretrain_backbone(pretrained, pretext_clips(pretrained), cfg.pretext, device=accelerator.device)
             save_backbone_checkpoint(pretrained, path)
-            status["pretext"] = {k: v for k, v in figures.items() if k != "losses"} | {"losses": figures["losses"]}
+            status["pretext"] = figures
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             load_backbone_checkpoint(pretrained, path)
