@@ -140,22 +140,6 @@ def test_default_root_from_environment(tmp_path: Path, monkeypatch: pytest.Monke
     assert ensure_cvs_demo(seed=3, image_size=48) == folder
 
 
-def test_crash_leaves_no_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real_write_video = demo_module._write_video
-
-    def write_video_then_crash(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("disk full")
-        return real_write_video(*args, **kwargs)
-
-    monkeypatch.setattr(demo_module, "_write_video", write_video_then_crash)
-    with pytest.raises(RuntimeError, match="disk full"):
-        ensure_cvs_demo(tmp_path, seed=0)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_incomplete_folder_is_regenerated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(demo_module, "SPLIT_VIDEOS", {"train": range(1, 2), "val": range(2, 3), "test": range(3, 4)})
     half = tmp_path / f"cvs_demo_{DEMO_VERSION}_s0_32px"

@@ -404,22 +404,6 @@ def test_demo_second_call_reuses(demo: Path) -> None:
     assert marker.stat().st_mtime_ns == stamp
 
 
-def test_demo_crash_leaves_no_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real_render = video_module.render_demo_clip
-
-    def render_then_crash(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("disk full")
-        return real_render(*args, **kwargs)
-
-    monkeypatch.setattr(video_module, "render_demo_clip", render_then_crash)
-    with pytest.raises(RuntimeError, match="disk full"):
-        ensure_video_caption_demo(tmp_path, seed=0)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_demo_feeds_encoder_shaped_batches(demo: Path) -> None:
     records = load_video_captions(demo, splits="test", clip_frames=4)["test"]
     dataset = VideoCaptionDataset(records, image_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
