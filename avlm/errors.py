@@ -19,3 +19,16 @@ class ModelError(AvlmError):
 
 class TrainingError(AvlmError):
     """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT reached a training: the run is closed KILLED and the process exits non-zero.
+
+    A ``KeyboardInterrupt`` so that code which lets Ctrl-C through lets it through too; not an ``AvlmError``.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum

@@ -73,8 +73,8 @@ from avlm.models import (
     params_ratio,
     trainable_state_dict,
 )
-from avlm.registry import RegistryConfig, log_and_register, promote_if_better
 from avlm.tracking import TrackingConfig, plots, record_run_start, tracked_run
+from avlm.tracking.registry import RegistryConfig, log_and_register, promote_if_better
 from avlm.train import (
     LoopState,
     StepOutput,

@@ -73,9 +73,9 @@ from avlm.probe import (
     split_hygiene,
     tiny_subset_overfit,
 )
-from avlm.registry import register_reference
 from avlm.stats import best_f1
 from avlm.tracking import NullLogger, PrefixedLogger, TrackingConfig, nested_run, plots, record_run_start, tracked_run
+from avlm.tracking.registry import register_reference
 from avlm.train import StepOutput, TrainConfig, build_optimizer, build_scheduler, fit, make_accelerator
 from avlm.train.optim import OPTIMIZERS
 

@@ -3,8 +3,6 @@
 from avlm.tracking.mlflow_logger import (
     DEFAULT_TRACKING_URI,
     MLflowLogger,
-    NullLogger,
-    PrefixedLogger,
     TrackingConfig,
     nested_run,
     resolve_tracking_uri,
@@ -12,12 +10,14 @@ from avlm.tracking.mlflow_logger import (
     tracked_run,
 )
 from avlm.tracking.provenance import git_state, hardware_info, package_versions, provenance_tags, record_run_start
+from avlm.tracking.run_logger import NullLogger, PrefixedLogger, RunLogger
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "MLflowLogger",
     "NullLogger",
     "PrefixedLogger",
+    "RunLogger",
     "TrackingConfig",
     "git_state",
     "hardware_info",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from avlm.errors import ConfigError
+from avlm.tracking.run_logger import NullLogger, RunLogger
 
 logger = logging.getLogger(__name__)
 
@@ -59,31 +60,6 @@ def to_float(value: Any) -> float:
     if hasattr(value, "item"):
         value = value.item()
     return float(value)
-
-
-class NullLogger:
-    """What ranks other than the main one get: every call does nothing, so they never touch MLflow."""
-
-    run_id: str | None = None
-    artifact_uri: str | None = None
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None: ...
-
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-
-    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None: ...
-
-    def log_dict(self, data: Any, artifact_file: str) -> None: ...
-
-    def log_figure(self, figure: Any, artifact_file: str) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class MLflowLogger:
@@ -199,7 +175,7 @@ def tracked_run(
     run_name: str,
     is_main_process: bool,
     resume_run_id: str | None = None,
-) -> Iterator[MLflowLogger | NullLogger]:
+) -> Iterator[RunLogger]:
     """Open (or attach to, or resume) the MLflow run of a training; close it FINISHED, or FAILED on an exception.
 
     Attaches to ``$MLFLOW_RUN_ID`` when ``mlflow run`` created the run. Ranks other than the main one get a
@@ -233,9 +209,7 @@ def tracked_run(
 
 
 @contextlib.contextmanager
-def nested_run(
-    parent: MLflowLogger | NullLogger, *, run_name: str, tags: Mapping[str, Any] | None = None
-) -> Iterator[MLflowLogger | NullLogger]:
+def nested_run(parent: RunLogger, *, run_name: str, tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
     """A child run of ``parent``'s run, in the same experiment (the UI shows it under its parent); ended FINISHED,
     or FAILED on an exception. A :class:`NullLogger` parent (a rank other than the main one) gets a NullLogger.
 
@@ -253,21 +227,6 @@ def nested_run(
     child = MLflowLogger(run.info.run_id, flush_every_s=getattr(parent, "flush_every_s", 5.0))
     with _ended_with_status(lambda status: _close_then(child, lambda: client.set_terminated(run.info.run_id, status))):
         yield child
-
-
-class PrefixedLogger:
-    """A logger that puts ``prefix`` before every metric name, so that two trainings can share one run
-    (``pretrained/val/mAP`` and ``random/val/mAP``); everything else goes to the wrapped logger unchanged."""
-
-    def __init__(self, inner: MLflowLogger | NullLogger, prefix: str):
-        self.inner = inner
-        self.prefix = prefix
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        self.inner.log_metrics({f"{self.prefix}{key}": value for key, value in metrics.items()}, step)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 def _close_then(run_logger: MLflowLogger, end: Callable[[], Any]) -> None:

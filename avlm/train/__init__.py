@@ -2,14 +2,12 @@
 
 from avlm.train.checkpoint import (
     LoopState,
-    load_best_on_every_rank,
     load_state,
     load_trainable,
-    resolve_resume,
     restore_optimization,
-    resume_from,
     save_checkpoint,
 )
+from avlm.train.lifecycle import load_best_on_every_rank, resolve_resume, resume_from
 from avlm.train.loop import (
     StepOutput,
     TrainConfig,

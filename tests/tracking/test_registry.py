@@ -4,7 +4,13 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from avlm.registry import METRIC_VALUE_TAG, RegistryConfig, current_champion, promote_if_better, register_reference
+from avlm.tracking.registry import (
+    METRIC_VALUE_TAG,
+    RegistryConfig,
+    current_champion,
+    promote_if_better,
+    register_reference,
+)
 
 
 def add_version(name, value):

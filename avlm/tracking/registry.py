@@ -82,7 +82,7 @@ def log_and_register(
     with _active_run(run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(Path(avlm.__file__).parent / "pyfunc_model.py"),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={"checkpoint": str(checkpoint_dir)},
             model_config={"recipe": recipe},
             code_paths=[str(Path(avlm.__file__).parent)],
