@@ -1,20 +1,25 @@
 """What every entry point does: argv → config (file, MLproject shortcuts, ``key=value``) → recipe → summary.
 
 An entry point names its recipe, its default config and its shortcuts (MLproject parameter → config key) and
-calls :func:`run_recipe`. Errors the user can fix (``AvlmError``: bad file, key, data) end with one line on
-stderr and exit status 2; the MLflow run is already marked FAILED by then.
+calls :func:`run_recipe`. Errors the user can fix (an unknown or abbreviated option, ``AvlmError``: bad file,
+key, data) end with one line on stderr and exit status 2; the MLflow run is already marked FAILED by then. SIGINT
+and SIGTERM end with one line and exit status 128 + the signal's number (130, 143), as a shell reports them.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import signal
 import sys
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from avlm.errors import AvlmError
+from avlm.errors import AvlmError, RunInterrupted
+from avlm.tracking import resolve_tracking_uri
 
 
 def run_recipe(
@@ -29,13 +34,23 @@ def run_recipe(
     summarize: Callable[[Any, Any], list[str]] | None = None,
 ) -> int:
     """Parse ``argv``, run the recipe, print where its results are (``summarize(cfg, result)``, by default
-    :func:`summary_lines`); return the process exit status."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawTextHelpFormatter)
+    :func:`summary_lines`, then :func:`browse_line`); return the process exit status.
+
+    Exit status: 0 done; 2 an error the user can fix (bad option, file, key or data); 128 + the signal's number
+    when SIGINT or SIGTERM stopped the training (130 for a plain Ctrl-C).
+    """
+    # No abbreviations: `mlflow run -P epoch=3` passes `--epoch 3`, which argparse would read as --epochs.
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--config", default=default_config, help="YAML config file")
     for name, key in shortcuts.items():
         parser.add_argument(f"--{name}", default="", help=f"sets {key}; empty keeps the config's value")
     parser.add_argument("overrides", nargs="*", help="any config key as key=value, e.g. train.batch_size=8")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    if unknown:
+        valid = ["--config", *(f"--{name}" for name in shortcuts)]
+        return _fail(prog, f"error: {unknown_option_message(unknown[0], valid)}", 2)
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
@@ -47,11 +62,28 @@ def run_recipe(
         cfg = load_config(args.config, overrides + list(args.overrides))
         result = run(cfg)
     except AvlmError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)  # noqa: T201
-        return 2
+        return _fail(prog, f"error: {err}", 2)
+    except RunInterrupted as err:  # SIGTERM or SIGINT during a training (tracking has closed the run KILLED)
+        return _fail(prog, str(err), 128 + err.signum)
+    except KeyboardInterrupt:  # a Ctrl-C before the training's handlers were installed
+        return _fail(prog, "interrupted by SIGINT", 128 + signal.SIGINT)
     if rank == 0 and result.run_id:
-        print("\n" + "\n".join((summarize or summary_lines)(cfg, result)))  # noqa: T201
+        lines = (summarize or summary_lines)(cfg, result)
+        print("\n" + "\n".join([*lines, browse_line(resolve_tracking_uri(cfg.tracking.tracking_uri))]))  # noqa: T201
     return 0
+
+
+def _fail(prog: str, message: str, status: int) -> int:
+    print(f"{prog}: {message}", file=sys.stderr)  # noqa: T201
+    return status
+
+
+def unknown_option_message(given: str, valid: Sequence[str]) -> str:
+    """Why ``given`` (``--epoch`` or ``--epoch=3``) is refused: the closest valid option, then all of them."""
+    name = given.split("=", 1)[0]
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown option '{name}' ({hint}valid options: {', '.join(valid)}; any config key as key=value)"
 
 
 def summary_lines(cfg: Any, result: Any) -> list[str]:
@@ -64,5 +96,15 @@ def summary_lines(cfg: Any, result: Any) -> list[str]:
     if result.model_version:
         verdict = "promoted to champion" if result.promoted else "not promoted (see its promotion.* tags)"
         lines.append(f"Registered {cfg.registry.name} version {result.model_version} (alias candidate), {verdict}.")
-    lines.append("Browse it: mlflow ui --backend-store-uri sqlite:///mlflow.db   (then open http://127.0.0.1:5000)")
     return lines
+
+
+def browse_line(tracking_uri: str) -> str:
+    """How to look at the runs in ``tracking_uri`` (the URI the run was logged to), its password hidden."""
+    parts = urllib.parse.urlsplit(tracking_uri)
+    if parts.password:
+        hidden = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        tracking_uri = urllib.parse.urlunsplit(parts._replace(netloc=hidden))
+    if parts.scheme in ("http", "https"):
+        return f"Browse it: open {tracking_uri} in a browser"
+    return f"Browse it: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"

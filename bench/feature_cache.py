@@ -88,7 +88,11 @@ class HeadTraining:
             datasets["val"], shuffle=False, batch_size=cfg.batch_size, num_workers=cfg.num_workers
         )
         optimizer = build_optimizer(
-            parameter_groups(model, head_lr=cfg.lr, backbone_lr=cfg.backbone_lr, weight_decay=cfg.weight_decay)
+            parameter_groups(
+                model,
+                [("head", model.head, cfg.lr), ("backbone", model.backbone, cfg.backbone_lr)],
+                weight_decay=cfg.weight_decay,
+            )
         )
         scheduler = build_scheduler(
             optimizer,

@@ -9,7 +9,7 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def avlm_cache(tmp_path_factory):
     """One cache (demo data, feature cache) for the whole session, outside the user's ~/.cache."""
     path = tmp_path_factory.mktemp("avlm_cache")
@@ -17,19 +17,42 @@ def avlm_cache(tmp_path_factory):
     return path
 
 
+def point_mlflow_at(patch: pytest.MonkeyPatch, uri: str) -> None:
+    """Make ``uri`` the tracking store of the test, with nothing of a previous test's run or experiment left."""
+    import mlflow
+
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; a previous test's id must not leak into this store
+    patch.delenv("MLFLOW_RUN_ID", raising=False)
+    patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    mlflow.set_tracking_uri(uri)
+
+
+@pytest.fixture(scope="session")
+def empty_store_file(tmp_path_factory):
+    """A sqlite file holding an empty, fully migrated MLflow store: copying it takes milliseconds, creating a store
+    takes seconds (MLflow runs its schema migrations on every new database)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{path}", registry_uri=f"sqlite:///{path}")
+    client.search_experiments()
+    client.search_registered_models()
+    return path
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch, avlm_cache):
+def mlflow_store(tmp_path, monkeypatch, avlm_cache, empty_store_file):
     """A fresh sqlite MLflow store in a temp working directory; returns its URI."""
+    import shutil
+
     import mlflow
 
     monkeypatch.chdir(tmp_path)
+    shutil.copyfile(empty_store_file, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; a previous test's id must not leak into this store
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    mlflow.set_tracking_uri(uri)
+    point_mlflow_at(monkeypatch, uri)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()

@@ -1,9 +1,10 @@
 import dataclasses
+import re
 from typing import Literal
 
 import pytest
 
-from avlm.config import config_to_dict, flatten_config, load_config, parse_override, save_config
+from avlm.config import config_to_dict, flatten_config, load_config, parse_override, save_config, validate_resume
 from avlm.errors import ConfigError
 
 
@@ -92,3 +93,136 @@ def test_a_recipes_section_defaults_survive_a_partial_yaml_section(tmp_path):
     cfg = load_config(RecipeWithOwnDefaults, write(tmp_path, "inner:\n  steps: 3\n"), ["inner.names=[y]"])
     assert cfg.inner == Inner(lr=0.5, steps=3, mode="b", names=["y"])
     assert load_config(RecipeWithOwnDefaults).inner == Inner(lr=0.5, mode="b")
+
+
+def test_a_key_set_twice_in_a_file_is_refused_naming_the_file_the_key_and_both_lines(tmp_path):
+    path = write(tmp_path, "seed: 3\ninner:\n  lr: 0.1\n  steps: 2\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=rf"config file {path}: duplicate key 'lr' at line 5 \(first set at line 3\)"):
+        load_config(Outer, path)
+    with pytest.raises(ConfigError, match=r"duplicate key 'seed' at line 2 \(first set at line 1\)"):
+        load_config(Outer, write(tmp_path, "seed: 3\nseed: 4\n"))
+
+
+def test_yaml_merge_keys_may_still_override_what_they_merge(tmp_path):
+    path = write(tmp_path, "base: &base {lr: 0.1, steps: 2}\ninner:\n  <<: *base\n  steps: 5\n")
+
+    @dataclasses.dataclass
+    class WithBase:
+        base: Inner = dataclasses.field(default_factory=Inner)
+        inner: Inner = dataclasses.field(default_factory=Inner)
+
+    cfg = load_config(WithBase, path)
+    assert (cfg.inner.lr, cfg.inner.steps) == (0.1, 5)
+
+
+@dataclasses.dataclass
+class Seeded:
+    seed: int = 0
+    demo_seed: int | None = None
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [1])
+    offset: int = 0  # not a seed: may be negative
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("seed=-1", "seed"), ("demo_seed=-1", "demo_seed"), ("seeds=[1, -2]", r"seeds\[1\]")],
+)
+def test_a_negative_seed_is_refused_in_any_seed_field(override, key):
+    with pytest.raises(ConfigError, match=rf"config key '{key}': a seed must be >= 0, got -\d"):
+        load_config(Seeded, None, [override])
+
+
+def test_seeds_of_zero_and_negative_non_seed_integers_pass(tmp_path):
+    cfg = load_config(Seeded, write(tmp_path, "seed: 0\ndemo_seed: 0\nseeds: [0, 7]\noffset: -3\n"))
+    assert (cfg.seed, cfg.demo_seed, cfg.seeds, cfg.offset) == (0, 0, [0, 7], -3)
+
+
+def test_every_recipe_seed_field_refuses_a_negative_seed():
+    from avlm.recipes import caption, cvs, probe
+
+    for load in (cvs.load_cvs_config, caption.load_caption_config, probe.load_probe_config):
+        seed_keys = [k for k in flatten_config(load()) if k.rsplit(".", 1)[-1].endswith(("seed", "seeds"))]
+        assert seed_keys, load
+        for key in seed_keys:
+            negative = "[-1]" if key.endswith("seeds") else "-1"
+            with pytest.raises(ConfigError, match="a seed must be >= 0"):
+                load(None, [f"{key}={negative}"])
+
+
+@dataclasses.dataclass
+class Rates:
+    lr: float = 1e-3
+    floor: float | None = None
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [("nan", "'nan'"), ("inf", "'inf'"), ("-inf", "'-inf'"), ("1e999", "'1e999'"), (".nan", "nan"), ("-.inf", "-inf")],
+)
+def test_a_float_that_is_not_finite_is_refused_naming_the_key_and_the_value(text, shown, tmp_path):
+    with pytest.raises(ConfigError, match=rf"config key 'lr': expected a finite number, got {shown} \[in override"):
+        load_config(Rates, None, [f"lr={text}"])
+    with pytest.raises(ConfigError, match=rf"config key 'floor': expected a finite number, got {shown} \[in .*c\.yaml"):
+        load_config(Rates, write(tmp_path, f"floor: {text}\n"))
+
+
+def test_an_error_in_an_override_names_the_override_not_the_file(tmp_path):
+    path = write(tmp_path, "seed: 3\ninner:\n  steps: 2\n")
+    for override, message in [
+        ("inner.steps=abc", "'inner.steps': expected an integer"),
+        ("inner.bogus=1", "unknown config key 'inner.bogus'"),
+        ("inner=5", "'inner': expected a mapping"),
+        ("seed.x=1", "'seed.x': 'seed' is not a section"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(Outer, path, [override])
+        assert message in str(err.value) and str(err.value).endswith(f"[in override '{override}']"), err.value
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, write(tmp_path, "inner:\n  steps: x\n"), ["inner.lr=0.5"])
+    assert str(err.value).endswith(f"[in {path}]"), err.value  # the file's own error names the file only
+
+
+@dataclasses.dataclass
+class Window:
+    low: int = 0
+    high: int = 10
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise ConfigError(f"config key 'window.low' must be <= window.high, got {self.low} > {self.high}")
+
+
+@dataclasses.dataclass
+class Windowed:
+    window: Window = dataclasses.field(default_factory=Window)
+
+
+def test_a_section_check_names_every_source_of_the_section(tmp_path):
+    path = write(tmp_path, "window:\n  low: 5\n")
+    with pytest.raises(
+        ConfigError, match=rf"must be <= window.high, got 5 > 4 \[in {path} and override 'window.high=4'\]$"
+    ):
+        load_config(Windowed, path, ["window.high=4"])
+    with pytest.raises(ConfigError, match=r"got 20 > 10 \[in override 'window.low=20'\]$"):
+        load_config(Windowed, None, ["window.low=20"])
+
+
+def test_resume_must_be_a_run_id_or_a_checkpoint_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "outputs" / "run" / "checkpoints" / "last"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text("{}")
+    for good in ["", "0123456789abcdef0123456789abcdef", str(checkpoint)]:
+        validate_resume(good, "outputs")
+    before = sorted(tmp_path.rglob("*"))
+    for bad in [
+        "../..",
+        "../../0123456789abcdef0123456789abcdef",
+        "0123456789ABCDEF0123456789ABCDEF",
+        str(checkpoint.parent),
+    ]:
+        with pytest.raises(
+            ConfigError, match=rf"config key 'resume': '{re.escape(bad)}' is neither an MLflow run id.*state\.json"
+        ):
+            validate_resume(bad, "outputs")
+    assert sorted(tmp_path.rglob("*")) == before  # refused before anything was created

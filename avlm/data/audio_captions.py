@@ -41,6 +41,7 @@ import soundfile
 import torch
 from scipy.signal import resample_poly
 
+from avlm.data.integrity import content_digests
 from avlm.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -293,14 +294,20 @@ def collate_audio_captions(items: Sequence[dict]) -> dict:
 
 
 def audio_manifest_hash(records: Sequence[AudioCaptionRecord]) -> str:
-    """Return a sha256 hex digest of the clip ids and audio file names, in order.
+    """Return a sha256 hex digest of the clip ids and the content of their audio files, in order.
 
-    File names rather than absolute paths, so the same data gives the same hash on every machine; clips skipped
-    for missing audio change it.
+    Each file counts by the sha256 of its bytes (``content_digests``: read once, then remembered while its size,
+    mtime and ctime are unchanged), so a replaced or re-encoded file changes the hash although its name does not,
+    and the same data gives the same hash in any folder and on any machine; clips skipped for missing audio
+    change it.
+
+    Raises:
+        DataError: An audio file is missing or unreadable.
     """
+    contents = content_digests(record.audio_path for record in records)
     digest = hashlib.sha256()
     for record in records:
-        digest.update(json.dumps([record.clip_id, os.path.basename(record.audio_path)]).encode("utf-8") + b"\n")
+        digest.update(json.dumps([record.clip_id, contents[record.audio_path]]).encode("utf-8") + b"\n")
     return digest.hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""Clip tensors for CVS records, and fingerprints of a record list for run provenance and feature caches."""
+"""Clip tensors for CVS records, and fingerprints of records and labels for run provenance and feature caches."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from PIL import Image
 
 from avlm.data.endoscapes import CVS_CRITERIA, ClipRecord
+from avlm.data.integrity import content_digests
 from avlm.errors import DataError
 
 
@@ -104,31 +106,47 @@ class ClipDataset(torch.utils.data.Dataset):
 
 
 def manifest_hash(records: Sequence[ClipRecord]) -> str:
-    """Return a sha256 hex digest of the clip ids and frame file names, in order.
+    """Return a sha256 hex digest of the clip ids and the content of their frames, in order.
 
-    File names rather than absolute paths, so the same data gives the same hash on every machine.
+    A frame counts by the sha256 of its bytes (``content_digests``: read once, then remembered per resolved path,
+    size, mtime and ctime), so a changed, replaced or truncated frame changes the hash although its name does not;
+    the same data gives the same hash in any folder and on any machine, so it also serves as run provenance.
+    Takes any records with ``clip_id`` and ``frame_paths`` (CVS, manifest and video-caption clips). Feature
+    caches key on it; labels are not in it (``label_checksum``).
+
+    Raises:
+        DataError: A frame file is missing or unreadable.
     """
+    digests = content_digests(path for record in records for path in record.frame_paths)
     digest = hashlib.sha256()
     for record in records:
         digest.update(record.clip_id.encode("utf-8"))
         for path in record.frame_paths:
-            digest.update(b"\x00" + os.path.basename(path).encode("utf-8"))
+            digest.update(b"\x00" + digests[str(path)].encode("ascii"))
         digest.update(b"\n")
     return digest.hexdigest()
 
 
-def label_checksum(records_or_labels: Sequence[ClipRecord] | np.ndarray) -> str:
-    """Return a sha256 hex digest of the (N, 3) label matrix stored as int8 bytes.
+def label_checksum(labels: Sequence[ClipRecord] | ArrayLike) -> str:
+    """Return a sha256 hex digest of a label array's shape and values: the one label fingerprint of avlm.
+
+    What is hashed: ``repr(shape)`` as UTF-8 (so a (4, 2) and a (2, 4) array of the same values differ), then the
+    values as C-contiguous little-endian float32 with ``-0.0`` made ``0.0``. So bool, int and float labels of the
+    same values, a list, a CPU or accelerator torch tensor, and a strided view and its copy all hash equal; a
+    changed value, a reordered row or another shape changes the digest.
 
     Args:
-        records_or_labels: Records, or their label matrix (integer or integral-valued).
+        labels: Records with ``labels`` (CVS or manifest clips; hashed as their (N, K) label matrix), or the labels
+            themselves (numpy array, nested list, torch tensor).
+
+    Returns:
+        64 hex characters.
     """
-    if isinstance(records_or_labels, np.ndarray):
-        labels = records_or_labels
-    else:
-        labels = np.array([r.labels for r in records_or_labels], dtype=np.int8).reshape(-1, len(CVS_CRITERIA))
-    if labels.ndim != 2:
-        raise ValueError(f"labels must be a 2-D (N, criteria) matrix, got shape {labels.shape}")
-    if labels.dtype.kind not in "biu" and not np.array_equal(labels, np.round(labels)):
-        raise ValueError("labels must be integral (binary), got fractional values")
-    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int8).tobytes()).hexdigest()
+    if hasattr(labels, "detach"):  # a torch tensor, possibly on an accelerator
+        labels = labels.detach().cpu().numpy()
+    elif isinstance(labels, Sequence) and labels and hasattr(labels[0], "labels"):
+        labels = [record.labels for record in labels]
+    canonical = np.ascontiguousarray(np.asarray(labels, dtype="<f4")) + np.float32(0.0)
+    digest = hashlib.sha256(repr(canonical.shape).encode("utf-8"))
+    digest.update(canonical.tobytes())
+    return digest.hexdigest()

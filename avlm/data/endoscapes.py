@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from avlm.data.integrity import verify_frames
 from avlm.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,10 @@ def load_endoscapes(
         the earliest existing frame, so the clip stays in time order and always ends with the labelled frame.
 
     Raises:
-        DataError: Missing folder or file, malformed annotation, missing labelled frame, or a video shared
-            between splits or absent from its ``<split>_vids.txt``.
+        DataError: Missing folder or file, malformed annotation, missing labelled frame, a video shared between
+            splits or absent from its ``<split>_vids.txt``, or clip frames that do not decode (each named with
+            its clip). Every clip frame is decoded once (``avlm.data.integrity``); a later call over unchanged
+            files does not decode them again.
     """
     if isinstance(splits, str):
         splits = (splits,)
@@ -101,6 +104,13 @@ def load_endoscapes(
     for split in splits:
         result[split] = _load_split(root, split, clip_frames, frame_stride, annotation_file)
     _check_split_hygiene(root, result)
+    # Decoded now, before any run exists, rather than trained on (a truncated JPEG decodes to grey).
+    uses: dict[str, str] = {}
+    for split, records in result.items():
+        for record in records:
+            for path in record.frame_paths:
+                uses.setdefault(path, f"{split} clip {record.clip_id}")
+    verify_frames(uses, f"Endoscapes data {root}")
     for split, records in result.items():
         _log_split_summary(split, records)
     return result

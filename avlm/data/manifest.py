@@ -73,6 +73,7 @@ import torch
 from avlm.data.clips import ClipFrames, label_checksum, manifest_hash
 from avlm.data.cvs_demo import ensure_cvs_demo
 from avlm.data.endoscapes import CVS_CRITERIA, load_endoscapes
+from avlm.data.integrity import verify_frames
 from avlm.data.video_captions import evenly_spaced_indices
 from avlm.errors import ConfigError, DataError
 
@@ -208,7 +209,7 @@ class ClipManifest:
         return np.array([c.labels for c in clips], dtype=np.int64).reshape(-1, len(self.label_names))
 
     def manifest_hash(self, split: str | None = None) -> str:
-        """Return ``manifest_hash`` of one split's clips, or of all clips (sample ids and frame file names).
+        """Return ``manifest_hash`` of one split's clips, or of all clips (sample ids and frame contents).
 
         For a manifest of CVS clips whose sample ids are the clip ids, this equals ``manifest_hash`` of the same
         ``ClipRecord`` list.
@@ -254,8 +255,9 @@ def load_clip_manifest(
     Raises:
         DataError: Missing, unreadable or malformed file (the message names the file, the line or clip, and the
             column or key): a missing column, an empty field, a duplicate sample_id, a label value other than
-            0 or 1, an unknown or missing label, frames that do not exist or fewer than ``clip_frames``, no
-            clips, or an empty required split.
+            0 or 1, an unknown or missing label, frames that do not exist or fewer than ``clip_frames``, kept
+            frames that do not decode (each decoded once, see ``avlm.data.integrity``), no clips, or an empty
+            required split.
         ConfigError: ``label_names`` is empty, repeats a name, or has a name with ``;``.
         ValueError: ``clip_frames`` is below 1.
     """
@@ -279,6 +281,7 @@ def load_clip_manifest(
 
     clips, frame_problems = [], []
     first_seen: dict[str, str] = {}
+    uses: dict[str, str] = {}
     for row in rows:
         sample_id, split, group = (_text_field(row, key, path) for key in ("sample_id", "split", "group"))
         if sample_id in first_seen:
@@ -288,6 +291,8 @@ def load_clip_manifest(
         frame_paths, problem = _row_frames(row, path, clip_frames)
         if problem is not None:
             frame_problems.append(f"{row.where} (sample_id {sample_id!r}): {problem}")
+        for frame in frame_paths:
+            uses.setdefault(frame, f"{row.where} (sample_id {sample_id!r}, split {split!r})")
         clips.append(ProbeClip(sample_id, frame_paths, labels, group, split))
     if frame_problems:
         named = "; ".join(frame_problems[:_NAMED_IN_ERROR])
@@ -296,6 +301,7 @@ def load_clip_manifest(
             f"{path}: {len(frame_problems)} of {len(rows)} clips have missing or too few frames "
             f"(relative paths are read from {path.parent}): {named}{more}"
         )
+    verify_frames(uses, f"clip manifest {path}")
 
     manifest = ClipManifest(path=path, label_names=vocabulary, clips=clips)
     for split in (required_splits,) if isinstance(required_splits, str) else required_splits:

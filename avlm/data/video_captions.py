@@ -42,6 +42,7 @@ from avlm.data.audio_captions import (
 )
 from avlm.data.clips import ClipFrames, manifest_hash
 from avlm.data.generated import generate_once
+from avlm.data.integrity import frame_problems
 from avlm.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,9 @@ def load_video_captions(
         splits: Splits to read.
         clip_frames: Frames kept per clip, evenly spaced over its frames (the encoder's number of frames).
         max_missing_fraction: Largest fraction of a split's clips that may lack readable frames.
-        verify_frames: Open each kept frame's header with PIL, so empty or non-image files count as missing now
-            rather than failing mid-training. Off: only the folder listing is checked.
+        verify_frames: Decode each kept frame with PIL, so empty, non-image or truncated files count as missing
+            now rather than being trained on; a frame decoded once is not decoded again while unchanged (see
+            ``avlm.data.integrity``). Off: only the folder listing is checked.
 
     Returns:
         Split name → records in csv order.
@@ -102,9 +104,14 @@ def load_video_captions(
     result = {}
     for split in (splits,) if isinstance(splits, str) else splits:
         rows = _read_video_caption_csv(root / f"captions_{split}.csv")
+        listed = [(clip_id, captions, *_clip_frames(frames_dir / clip_id, clip_frames)) for clip_id, captions in rows]
+        kept_frames = (path for *_, frame_paths, problem in listed if problem is None for path in frame_paths)
+        broken = frame_problems(kept_frames, f"video captions {split}") if verify_frames else {}
         records, problems = [], []
-        for clip_id, captions in rows:
-            frame_paths, problem = _clip_frames(frames_dir / clip_id, clip_frames, verify_frames)
+        for clip_id, captions, frame_paths, problem in listed:
+            bad = next((path for path in frame_paths if path in broken), None)
+            if problem is None and bad is not None:
+                problem = f"unreadable frame {os.path.basename(bad)}: {broken[bad]}"
             if problem is None:
                 records.append(VideoCaptionRecord(clip_id, frame_paths, captions, split))
             else:
@@ -194,11 +201,12 @@ def collate_video_captions(items: Sequence[dict]) -> dict:
 
 
 def video_manifest_hash(records: Sequence[VideoCaptionRecord]) -> str:
-    """Return a sha256 hex digest of the clip ids and their kept frames' file names, in order.
+    """Return a sha256 hex digest of the clip ids and their kept frames' contents, in order.
 
-    The same fingerprint as ``manifest_hash`` of CVS clips: file names rather than absolute paths, so the same
-    data gives the same hash on every machine; skipped clips and another ``clip_frames`` change it. The resize and
-    normalisation are not in it: a feature cache must key on ``image_size``, ``mean`` and ``std`` as well.
+    The same fingerprint as ``manifest_hash`` of CVS clips: each frame counts by the sha256 of its bytes, so a
+    changed frame changes it while the same data gives the same hash in any folder; skipped clips and another
+    ``clip_frames`` change it. The resize and normalisation are not in it: a feature cache must key on
+    ``image_size``, ``mean`` and ``std`` as well.
     """
     return manifest_hash(records)
 
@@ -241,8 +249,8 @@ def _check_header(header: list[str], csv_path: Path) -> list[str]:
     return [f"caption_{k}" for k in range(1, len(caption_columns) + 1)]
 
 
-def _clip_frames(clip_dir: Path, clip_frames: int, verify: bool) -> tuple[tuple[str, ...], str | None]:
-    """Return the clip's kept frame paths, or () and why the clip has no readable frames."""
+def _clip_frames(clip_dir: Path, clip_frames: int) -> tuple[tuple[str, ...], str | None]:
+    """Return the clip's kept frame paths, or () and why its folder has no frames."""
     try:
         with os.scandir(clip_dir) as entries:
             names = sorted(e.name for e in entries if e.name.lower().endswith(FRAME_EXTENSIONS) and e.is_file())
@@ -252,15 +260,7 @@ def _clip_frames(clip_dir: Path, clip_frames: int, verify: bool) -> tuple[tuple[
         return (), f"unreadable folder: {exc.strerror or exc}"
     if not names:
         return (), f"no {' or '.join(FRAME_EXTENSIONS)} frames"
-    paths = tuple(str(clip_dir / names[k]) for k in evenly_spaced_indices(len(names), clip_frames))
-    if verify:
-        for path in dict.fromkeys(paths):
-            try:
-                with Image.open(path):
-                    pass
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                return (), f"unreadable frame {os.path.basename(path)}: {exc}"
-    return paths, None
+    return tuple(str(clip_dir / names[k]) for k in evenly_spaced_indices(len(names), clip_frames)), None
 
 
 def _report_missing(problems: list[str], total: int, name: str, frames_dir: Path, max_fraction: float) -> None:

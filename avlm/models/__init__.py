@@ -25,7 +25,6 @@ from avlm.models.captioner import (
     build_captioner,
     build_causal_lm,
     build_source_encoder,
-    caption_parameter_groups,
     encode_captions,
     load_caption_tokenizer,
     params_ratio,
@@ -39,7 +38,7 @@ from avlm.models.fusion import (
     SourceCrossAttention,
     find_decoder_layers,
 )
-from avlm.models.heads import AttentivePooler, ClassificationHead, MeanPooler
+from avlm.models.heads import AttentivePooler, ClassificationHead, LinearProbe, MeanPooler
 from avlm.models.pretext import (
     PRETEXT_OBJECTIVES,
     PretextConfig,
@@ -65,6 +64,7 @@ __all__ = [
     "GeneratedCaptions",
     "LAYER_FUSION_MODES",
     "LayerFusion",
+    "LinearProbe",
     "MeanPooler",
     "SourceCrossAttention",
     "SourceProjector",
@@ -77,7 +77,6 @@ __all__ = [
     "build_captioner",
     "build_causal_lm",
     "build_source_encoder",
-    "caption_parameter_groups",
     "count_parameters",
     "encode_captions",
     "find_decoder_layers",

@@ -203,31 +203,48 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def parameter_groups(
-    classifier: VideoClassifier, *, head_lr: float, backbone_lr: float, weight_decay: float
+    model: nn.Module, parts: Sequence[tuple[str, nn.Module | None, float]], *, weight_decay: float
 ) -> list[dict]:
-    """AdamW parameter groups: head / backbone, each split into decayed and not decayed.
+    """AdamW parameter groups, one pair (decayed, not decayed) per named part of ``model``.
 
-    Biases, norm weights, 1-D tensors and learned tokens (pooler queries, cls / position tokens) get no weight
-    decay. Only trainable parameters are included; empty groups are left out.
+    Parameters are matched to parts by module identity, not by name strings, so a renamed attribute or a peft
+    wrapper cannot move a parameter into the wrong group. Biases, norm weights, 1-D tensors and learned tokens (pooler
+    queries, cls / position tokens, fusion gates) get no weight decay. Only trainable parameters are included; empty
+    groups are left out.
 
     Args:
-        classifier: the adapted model.
-        head_lr: learning rate of the head.
-        backbone_lr: learning rate of the trainable backbone parameters (LoRA or unfrozen blocks).
+        model: the whole model (every trainable parameter of it lands in exactly one group).
+        parts: ``(name, module, lr)`` in priority order; ``module=None`` takes everything not in an earlier part.
+            E.g. ``[("head", m.head, 1e-3), ("backbone", m.backbone, 1e-4)]``.
         weight_decay: decay of the decayed groups.
 
     Returns:
-        Groups with keys ``name`` (``head``, ``head_no_decay``, ``backbone``, ``backbone_no_decay``), ``params``,
-        ``lr`` and ``weight_decay``.
+        Groups with keys ``name`` (``<part>`` and ``<part>_no_decay``), ``params``, ``lr`` and ``weight_decay``.
+
+    Raises:
+        ValueError: a trainable parameter of ``model`` belongs to no part (a bug in the caller's ``parts``).
     """
+    owner: dict[int, int] = {}
+    for index, (_, module, _) in reversed(list(enumerate(parts))):
+        for param in (module or model).parameters():
+            owner[id(param)] = index  # earlier parts win: they are written last
+    buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) not in owner:
+            raise ValueError(f"trainable parameter '{name}' is in none of the parts {[p[0] for p in parts]}")
+        buckets.setdefault((owner[id(param)], _is_no_decay(name, param)), []).append(param)
     groups = []
-    for prefix, part, lr in (("head", classifier.head, head_lr), ("backbone", classifier.backbone, backbone_lr)):
-        decay, no_decay = [], []
-        for name, param in part.named_parameters():
-            if param.requires_grad:
-                (no_decay if _is_no_decay(name, param) else decay).append(param)
-        if decay:
-            groups.append({"name": prefix, "params": decay, "lr": lr, "weight_decay": weight_decay})
-        if no_decay:
-            groups.append({"name": f"{prefix}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+    for index, (part, _, lr) in enumerate(parts):
+        for no_decay in (False, True):
+            if params := buckets.get((index, no_decay)):
+                groups.append(
+                    {
+                        "name": f"{part}_no_decay" if no_decay else part,
+                        "params": params,
+                        "lr": lr,
+                        "weight_decay": 0.0 if no_decay else weight_decay,
+                    }
+                )
     return groups

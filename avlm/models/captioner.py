@@ -32,7 +32,7 @@ Fusion modes (``model.fusion``); in every mode the encoder is frozen and the pro
 mode               where the source enters                           what trains besides the projector
 ================== ================================================= =====================================
 additive           ``h + alpha_l · adapter_l(h, src)`` after each    adapters and one alpha per layer
-                   layer in ``fusion_layers`` (no prefix)            (+ ``gate_l2 · Σ alpha²`` in the loss)
+                   layer in ``fusion_layers`` (no prefix)            (+ ``fusion_gate_l2 · Σ alpha²`` in the loss)
 cross_attention    Flamingo tanh-gated cross-attention + FFW after   the blocks and their gates (init 0)
                    the same layers (no prefix)
 concat             ``h + MLP([h; mean(src)])`` at the same layers,   the MLPs (last layer zero-initialised)
@@ -47,7 +47,7 @@ Layer indices are 0-based positions in the LM's decoder layer list; the block at
 states output by layer ``l``. The frozen LM (and encoder) run in eval mode even while the model trains, so
 with every alpha at 0 the logits are the frozen LM's, bit for bit.
 
-Loss: token cross-entropy with teacher forcing (labels are -100 on padding), plus ``gate_l2 · Σ alpha²``
+Loss: token cross-entropy with teacher forcing (labels are -100 on padding), plus ``fusion_gate_l2 · Σ alpha²``
 (additive only), plus ``contrastive_weight ·`` a symmetric InfoNCE between the mean source token and the mean
 of the caption's (frozen) input token embeddings.
 """
@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avlm.errors import ConfigError, ModelError
-from avlm.models.adaptation import _is_no_decay, count_parameters
+from avlm.models.adaptation import count_parameters
 from avlm.models.backbones import BackboneOutput, VideoBackbone, _seeded, build_backbone
 from avlm.models.fusion import (
     AdditiveAdapter,
@@ -126,8 +126,8 @@ class CaptionModelConfig:
         audio_tokens: K, the number of source tokens the projector produces (for a video source too).
         projector_width / projector_heads: width of the projector's learned queries and its attention heads.
         adapter_dim / adapter_heads: bottleneck width a and heads of the per-layer fusion blocks.
-        gate_init: initial alpha of the additive adapters.
-        gate_l2: weight of the L2 penalty on the additive alphas, added to the loss.
+        fusion_gate_init: initial alpha of the additive adapters.
+        fusion_gate_l2: weight of the L2 penalty on the additive alphas, added to the loss.
         unfreeze_top: partial_unfreeze: the top N LM decoder layers that train.
         lora_r / lora_alpha / lora_dropout: data_only: peft LoRA settings on the LM.
         lora_targets: data_only: LM module names for LoRA; empty = peft's default for the architecture
@@ -147,8 +147,8 @@ class CaptionModelConfig:
     projector_heads: int = 8
     adapter_dim: int = 256
     adapter_heads: int = 4
-    gate_init: float = 0.05
-    gate_l2: float = 1e-4
+    fusion_gate_init: float = 0.05
+    fusion_gate_l2: float = 1e-4
     unfreeze_top: int = 4
     lora_r: int = 16
     lora_alpha: float = 32.0
@@ -169,7 +169,7 @@ class CaptionModelConfig:
                     f"config key 'model.{heads}'={getattr(self, heads)} must divide "
                     f"model.{width}={getattr(self, width)}"
                 )
-        for key in ("gate_l2", "contrastive_weight"):
+        for key in ("fusion_gate_l2", "contrastive_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key 'model.{key}' must be >= 0, got {getattr(self, key)}")
         if self.temperature <= 0:
@@ -536,10 +536,10 @@ class CaptionerOutput:
     """What the captioner's forward returns.
 
     Attributes:
-        loss: ``xe_loss + gate_penalty + contrastive_weight · contrastive_loss``; None without labels.
+        loss: ``xe_loss + fusion_gate_penalty + contrastive_weight · contrastive_loss``; None without labels.
         xe_loss: mean token cross-entropy over label positions; None without labels.
         contrastive_loss: symmetric InfoNCE between sources and captions of the batch (0 for a batch of one).
-        gate_penalty: ``gate_l2 · Σ alpha²`` (additive), else 0.
+        fusion_gate_penalty: ``gate_l2 · Σ alpha²`` (additive), else 0.
         logits: (B, L, vocab) over the caption positions (a data_only prefix is cut off).
         source_tokens: (B, K, d), the projector's output.
     """
@@ -547,7 +547,7 @@ class CaptionerOutput:
     loss: torch.Tensor | None
     xe_loss: torch.Tensor | None
     contrastive_loss: torch.Tensor
-    gate_penalty: torch.Tensor
+    fusion_gate_penalty: torch.Tensor
     logits: torch.Tensor
     source_tokens: torch.Tensor
 
@@ -624,7 +624,7 @@ class FusionCaptioner(nn.Module):
     def _fusion_block(self, hidden_size: int) -> nn.Module:
         cfg = self.config
         if cfg.fusion == "additive":
-            return AdditiveAdapter(hidden_size, cfg.adapter_dim, cfg.adapter_heads, cfg.gate_init)
+            return AdditiveAdapter(hidden_size, cfg.adapter_dim, cfg.adapter_heads, cfg.fusion_gate_init)
         if cfg.fusion == "concat":
             return ConcatFusion(hidden_size, cfg.adapter_dim)
         return GatedCrossAttention(hidden_size, cfg.adapter_dim, cfg.adapter_heads)
@@ -700,7 +700,7 @@ class FusionCaptioner(nn.Module):
             with self.fusion.source(source_tokens):
                 logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         contrastive = self.contrastive_loss(source_tokens, input_ids, attention_mask)
-        penalty = self.gate_penalty()
+        penalty = self.fusion_gate_penalty()
         xe = loss = None
         if labels is not None:
             # Position t predicts token t + 1.
@@ -712,7 +712,7 @@ class FusionCaptioner(nn.Module):
             loss=loss,
             xe_loss=xe,
             contrastive_loss=contrastive,
-            gate_penalty=penalty,
+            fusion_gate_penalty=penalty,
             logits=logits,
             source_tokens=source_tokens,
         )
@@ -757,15 +757,15 @@ class FusionCaptioner(nn.Module):
         targets = torch.arange(similarity.shape[0], device=similarity.device)
         return (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.T, targets)) / 2
 
-    def gate_penalty(self) -> torch.Tensor:
-        """``gate_l2 · Σ_l alpha_l²`` over the additive adapters; a zero tensor in the other modes."""
+    def fusion_gate_penalty(self) -> torch.Tensor:
+        """``fusion_gate_l2 · Σ_l alpha_l²`` over the additive adapters; a zero tensor in the other modes."""
         device = self.projector.queries.device
         if self.config.fusion != "additive" or self.fusion is None:
             return torch.zeros((), device=device)
         squares = torch.stack([block.gate_l2() for block in self.fusion.blocks.values()])
-        return self.config.gate_l2 * squares.sum()
+        return self.config.fusion_gate_l2 * squares.sum()
 
-    def gate_magnitudes(self) -> dict[int, float]:
+    def fusion_gate_magnitudes(self) -> dict[int, float]:
         """Fusion layer -> |alpha| (additive) or mean |tanh(gate)| (cross_attention, partial_unfreeze).
 
         Returns:
@@ -891,42 +891,3 @@ def params_ratio(trainable: int, reference: int) -> float:
     if reference <= 0:
         raise ConfigError(f"reference parameter count must be positive, got {reference}")
     return trainable / reference
-
-
-def caption_parameter_groups(
-    captioner: FusionCaptioner, *, projector_lr: float, adapter_lr: float, weight_decay: float
-) -> list[dict]:
-    """AdamW parameter groups: the projector, and everything else that trains (fusion blocks, LoRA, LM layers).
-
-    Gates, biases, norms and learned queries get no weight decay (the additive gates have their own L2 penalty).
-
-    Args:
-        captioner: the model.
-        projector_lr: learning rate of the projector (the research plan: 2e-4).
-        adapter_lr: learning rate of the fusion blocks and trainable LM parameters (1e-4).
-        weight_decay: decay of the decayed groups.
-
-    Returns:
-        Groups named ``projector``, ``projector_no_decay``, ``adapters``, ``adapters_no_decay`` (empty ones left out).
-    """
-    projector_ids = {id(p) for p in captioner.projector.parameters()}
-    buckets: dict[str, list[nn.Parameter]] = {}
-    for name, param in captioner.named_parameters():
-        if not param.requires_grad:
-            continue
-        part = "projector" if id(param) in projector_ids else "adapters"
-        key = f"{part}_no_decay" if _is_no_decay(name, param) else part
-        buckets.setdefault(key, []).append(param)
-    groups = []
-    for key in ("projector", "projector_no_decay", "adapters", "adapters_no_decay"):
-        if key in buckets:
-            lr = projector_lr if key.startswith("projector") else adapter_lr
-            groups.append(
-                {
-                    "name": key,
-                    "params": buckets[key],
-                    "lr": lr,
-                    "weight_decay": 0.0 if "no_decay" in key else weight_decay,
-                }
-            )
-    return groups

@@ -1,4 +1,4 @@
-"""Trainable heads on top of backbone tokens: a pooler, then a small MLP classifier.
+"""Trainable heads on top of backbone tokens: a pooler, then a small MLP classifier; and the linear probe.
 
 The attentive pooler is the V-JEPA evaluation probe: learned query tokens cross-attend over all backbone tokens,
 so the head can pick the spatio-temporal regions that matter; its attention map is returned for analysis.
@@ -134,3 +134,40 @@ class ClassificationHead(nn.Module):
         """
         pooled, attention = self.pooler(tokens)
         return self.mlp(pooled), attention
+
+
+class LinearProbe(nn.Module):
+    """A linear classifier on standardised pooled features, or on an attentive pooling of the tokens.
+
+    Args:
+        dim: feature width D.
+        num_labels: outputs.
+        pooling: ``attentive`` puts a one-query ``AttentivePooler`` (V-JEPA's evaluation probe) before the linear
+            layer; otherwise the inputs are already pooled and are standardised with ``feature_mean``/``feature_std``
+            (the training split's), so that one learning rate suits every backbone.
+        feature_mean / feature_std: (D,) statistics of the pooled training features; None = 0 / 1.
+        heads: attention heads of the attentive pooler.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_labels: int,
+        pooling: str,
+        feature_mean: torch.Tensor | None = None,
+        feature_std: torch.Tensor | None = None,
+        heads: int = 4,
+    ) -> None:
+        super().__init__()
+        self.pooler = AttentivePooler(dim, num_queries=1, num_heads=heads) if pooling == "attentive" else None
+        self.register_buffer("feature_mean", feature_mean if feature_mean is not None else torch.zeros(dim))
+        self.register_buffer("feature_std", feature_std if feature_std is not None else torch.ones(dim))
+        self.linear = nn.Linear(dim, num_labels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_labels) of pooled features (B, D), or of tokens (B, N, D) for the attentive probe."""
+        if self.pooler is not None:
+            features, _ = self.pooler(features)
+        else:
+            features = (features - self.feature_mean) / self.feature_std
+        return self.linear(features)

@@ -1,4 +1,5 @@
-"""The probe report, as Markdown for people and JSON for tools, in the layout of the hand-written probe reports.
+"""The probe report, as Markdown for people and JSON for tools, in the layout of the hand-written probe reports;
+and the same evidence as MLflow metrics and tags.
 
 Sections, in order: header (generated, decision), Config Snapshot, Sanity Checks, PASS/FAIL Gate, Ablation
 Summary, Run Metrics, Alignment Samples (when given), Decision Reasoning.
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from avlm.probe.gate import AblationRow, GateDecision, RunRow
+from avlm.probe.gate import AblationRow, CellResult, GateDecision, RunRow
 from avlm.probe.sanity import SanityResult
 from avlm.stats import format_mean_std
 
@@ -242,3 +243,52 @@ def report_json(report: ProbeReport) -> dict[str, Any]:
         },
         "report",
     )
+
+
+def cell_metrics(cell: CellResult) -> dict[str, float]:
+    """A grid cell's numbers as the metrics of its MLflow run: val mAP and best F1, and test mAP when there is one."""
+    metrics = {
+        "pre_val_mAP": cell.pre_val,
+        "rand_val_mAP": cell.rand_val,
+        "delta_val_mAP": cell.pre_val - cell.rand_val,
+        "pre_val_best_F1": cell.pre_best_f1,
+        "rand_val_best_F1": cell.rand_best_f1,
+    }
+    if cell.pre_test is not None and cell.rand_test is not None:
+        metrics.update(
+            pre_test_mAP=cell.pre_test, rand_test_mAP=cell.rand_test, delta_test_mAP=cell.pre_test - cell.rand_test
+        )
+    return metrics
+
+
+def gate_metrics(decision: GateDecision) -> dict[str, float]:
+    """The gate's figures as ``gate/*`` metrics of the probe's run (``gate/passed`` is 1.0 or 0.0)."""
+    return {
+        "gate/passed": float(decision.passed),
+        "gate/delta_mean": decision.delta_mean,
+        "gate/delta_std": decision.delta_std,
+        "gate/pre_mean": decision.pre_mean,
+        "gate/rand_mean": decision.rand_mean,
+        "gate/required_delta": decision.required_delta,
+    }
+
+
+def evidence_tags(decision: GateDecision) -> dict[str, str]:
+    """The gate's decision as tags, for the probe's run and a registered version alike.
+
+    ``gate`` is ``PASS`` or ``FAIL``; numbers are ``repr`` strings, so that they read back exactly with ``float``.
+    The reasoning is whole: the run logger cuts values longer than MLflow keeps for a run tag.
+    """
+    return {
+        "gate": "PASS" if decision.passed else "FAIL",
+        "gate.pooling": decision.gate_pooling,
+        "gate.optimizer": decision.gate_optimizer,
+        "gate.evaluated_on": decision.evaluated_on,
+        "gate.seeds": ",".join(map(str, decision.seeds)),
+        "gate.delta_mean": repr(decision.delta_mean),
+        "gate.delta_std": repr(decision.delta_std),
+        "gate.pre_mean": repr(decision.pre_mean),
+        "gate.rand_mean": repr(decision.rand_mean),
+        "gate.required_delta": repr(decision.required_delta),
+        "gate.reasoning": "\n".join(decision.reasons),
+    }

@@ -6,12 +6,13 @@ returns a ``SanityResult`` whose figures go verbatim into the report's Sanity Ch
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from avlm.data.clips import label_checksum
 
 # How many overlapping keys a failure message names: enough to find them, short enough to read.
 _KEYS_NAMED = 5
@@ -32,29 +33,6 @@ class SanityResult:
     passed: bool
     figures: dict[str, Any] = field(default_factory=dict)
     message: str = ""
-
-
-def label_checksum(array: Any) -> str:
-    """MD5 hex digest of a label array's values and shape.
-
-    The array is first put in a canonical form: float32, C-contiguous, ``-0.0`` made ``0.0``. So bool, int and float
-    labels of the same values, and a strided view and its copy, all hash equal; a changed value, a reordered row
-    or a different shape changes the digest. The shape is hashed with the bytes so that a (4, 2) and a (2, 4) array
-    of the same values differ.
-
-    Args:
-        array: labels (numpy array, list, or CPU torch tensor).
-
-    Returns:
-        32 hex characters.
-    """
-    if hasattr(array, "detach"):  # a torch tensor, possibly on an accelerator
-        array = array.detach().cpu().numpy()
-    canonical = np.ascontiguousarray(np.asarray(array, dtype=np.float32)) + np.float32(0.0)
-    digest = hashlib.md5(usedforsecurity=False)
-    digest.update(repr(canonical.shape).encode())
-    digest.update(canonical.tobytes())
-    return digest.hexdigest()
 
 
 def _named_keys(keys: Iterable[Any]) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from avlm.config import config_from_dict, config_to_dict, load_config
+from avlm.config import config_from_dict, load_config
 from avlm.data import (
     AudioCaptionDataset,
     AudioCaptionRecord,
@@ -65,28 +65,24 @@ from avlm.models import (
     CaptionModelConfig,
     FusionCaptioner,
     build_captioner,
-    caption_parameter_groups,
     count_parameters,
     encode_captions,
     load_caption_tokenizer,
     load_trainable_state_dict,
+    parameter_groups,
     params_ratio,
-    trainable_state_dict,
 )
-from avlm.tracking import TrackingConfig, plots, record_run_start, tracked_run
-from avlm.tracking.registry import RegistryConfig, log_and_register, promote_if_better
+from avlm.tracking import TrackingConfig, plots, record_run_start
+from avlm.tracking.registry import RegistryConfig
 from avlm.train import (
     LoopState,
     StepOutput,
     TrainConfig,
     build_optimizer,
     build_scheduler,
-    fit,
-    load_best_on_every_rank,
     load_trainable,
-    make_accelerator,
+    open_run,
     optimizer_steps_per_epoch,
-    restore_optimization,
     resume_from,
 )
 
@@ -368,7 +364,7 @@ def additive_reference_parameters(model: FusionCaptioner) -> int:
     """Trainable parameters the additive system would have with this model's projector, layers and widths."""
     cfg = model.config
     hidden = model.lm.get_input_embeddings().embedding_dim
-    adapter = AdditiveAdapter(hidden, cfg.adapter_dim, cfg.adapter_heads, cfg.gate_init)
+    adapter = AdditiveAdapter(hidden, cfg.adapter_dim, cfg.adapter_heads, cfg.fusion_gate_init)
     return count_parameters(model.projector)[0] + len(cfg.fusion_layers) * count_parameters(adapter)[0]
 
 
@@ -377,7 +373,7 @@ def additive_reference_parameters(model: FusionCaptioner) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 def main(cfg: CaptionConfig) -> CaptionResult:
     """Train, evaluate, log and register one captioner. See the module docstring for the method."""
-    cfg, resume_dir, resume_state = resume_from(cfg)
+    cfg, resume = resume_from(cfg)
 
     # The monitored metric is declared before training: SPIDEr needs SPICE, and without it the run says so.
     no_spice = spice_unavailable_reason(cfg.metrics.spice_config())
@@ -393,55 +389,42 @@ def main(cfg: CaptionConfig) -> CaptionResult:
     )
     registry_cfg = dataclasses.replace(cfg.registry, promote_metric=monitor)
 
-    accelerator = make_accelerator(train_cfg)
-    if train_cfg.batch_size % accelerator.num_processes:
-        raise ConfigError(
-            f"config key 'train.batch_size' ({train_cfg.batch_size}) must be divisible by the "
-            f"number of processes ({accelerator.num_processes})"
-        )
-    run_name = run_name_for(cfg)
-    with tracked_run(
-        cfg.tracking,
-        recipe=RECIPE,
-        run_name=run_name,
-        is_main_process=accelerator.is_main_process,
-        resume_run_id=resume_state.run_id if resume_state else None,
-    ) as run_logger:
-        # -- 1. data --------------------------------------------------------------------------------------------
-        splits, dataset_name = load_caption_splits(cfg.data, clip_frames=cfg.model.num_frames)
+    # -- 1. data (bad data stops here, before an MLflow run exists) ---------------------------------------------
+    splits, dataset_name = load_caption_splits(cfg.data, clip_frames=cfg.model.num_frames)
 
-        # -- 2. model: frozen encoder → projector → frozen LM with trainable fusion ------------------------------
-        tokenizer = load_caption_tokenizer(cfg.model.lm, [c for r in splits["train"] for c in r.captions])
-        torch.manual_seed(cfg.seed)
-        model = build_captioner(cfg.model, tokenizer)
-        counts = model.parameter_counts()
-        counts["additive_reference"] = additive_reference_parameters(model)
-        ratio = params_ratio(counts["trainable"], counts["additive_reference"])
-        if abs(ratio - 1) > PARAMS_TOLERANCE:
-            logger.warning(
-                "fusion '%s' trains %d parameters, %.2fx the additive system's %d (outside ±%d%%): compare it "
-                "param-normalised (params/ratio_to_additive)",
-                cfg.model.fusion, counts["trainable"], ratio, counts["additive_reference"], PARAMS_TOLERANCE * 100,
-            )  # fmt: skip
-        encoder = model.encoder
-        data_modality = "video" if cfg.data.dataset in VIDEO_DATASETS else "audio"
-        if model.modality != data_modality:
-            raise ConfigError(
-                f"config key 'model.encoder' = '{cfg.model.encoder}' is a {model.modality} encoder but "
-                f"'data.dataset' = '{cfg.data.dataset}' holds {data_modality}: audio datasets {AUDIO_DATASETS}, "
-                f"video datasets {VIDEO_DATASETS}"
-            )
-        clips = source_clips(encoder, splits, cfg)
+    # -- 2. model: frozen encoder → projector → frozen LM with trainable fusion ----------------------------------
+    tokenizer = load_caption_tokenizer(cfg.model.lm, [c for r in splits["train"] for c in r.captions])
+    torch.manual_seed(cfg.seed)
+    model = build_captioner(cfg.model, tokenizer)
+    counts = model.parameter_counts()
+    counts["additive_reference"] = additive_reference_parameters(model)
+    ratio = params_ratio(counts["trainable"], counts["additive_reference"])
+    if abs(ratio - 1) > PARAMS_TOLERANCE:
+        logger.warning(
+            "fusion '%s' trains %d parameters, %.2fx the additive system's %d (outside ±%d%%): compare it "
+            "param-normalised (params/ratio_to_additive)",
+            cfg.model.fusion, counts["trainable"], ratio, counts["additive_reference"], PARAMS_TOLERANCE * 100,
+        )  # fmt: skip
+    encoder = model.encoder
+    data_modality = "video" if cfg.data.dataset in VIDEO_DATASETS else "audio"
+    if model.modality != data_modality:
+        raise ConfigError(
+            f"config key 'model.encoder' = '{cfg.model.encoder}' is a {model.modality} encoder but "
+            f"'data.dataset' = '{cfg.data.dataset}' holds {data_modality}: audio datasets {AUDIO_DATASETS}, "
+            f"video datasets {VIDEO_DATASETS}"
+        )
+    clips = source_clips(encoder, splits, cfg)
+
+    run_name = run_name_for(cfg)
+    with open_run(cfg, recipe=RECIPE, run_name=run_name, train_cfg=train_cfg, resume=resume) as run:
+        accelerator, run_logger = run.accelerator, run.logger
 
         # -- 3. what this run is: config, tags, run card --------------------------------------------------------
-        run_id = run_logger.run_id
-        output_dir = Path(cfg.output_dir) / f"{run_name}-{(run_id or 'local')[:8]}"
-        config_yaml = yaml.safe_dump({**config_to_dict(cfg), "resume": ""}, sort_keys=False)
-        if resume_state is None:
+        if run.is_new:
             record_run_start(
                 run_logger,
                 cfg=cfg,
-                config_yaml=config_yaml,
+                config_yaml=run.config_yaml,
                 tags={
                     "recipe": RECIPE,
                     "dataset": dataset_name,
@@ -451,7 +434,7 @@ def main(cfg: CaptionConfig) -> CaptionResult:
                     "fusion_layers": ",".join(str(i) for i in cfg.model.fusion_layers),
                     "monitor": monitor,
                     "spice": "available" if no_spice is None else "unavailable",
-                    **({"spice_unavailable_reason": no_spice[:5000]} if no_spice else {}),
+                    **({"spice_unavailable_reason": no_spice} if no_spice else {}),
                     "gate": f"{monitor} {registry_cfg.promote_mode} +{registry_cfg.promote_margin:g}",
                 },
                 run_card={
@@ -480,12 +463,12 @@ def main(cfg: CaptionConfig) -> CaptionResult:
                         "layers": list(cfg.model.fusion_layers),
                         "source_tokens": cfg.model.audio_tokens,
                         "projector_width": cfg.model.projector_width,
-                        "gate_init": cfg.model.gate_init,
+                        "fusion_gate_init": cfg.model.fusion_gate_init,
                     },
                     "loss": {
                         "contrastive_weight": cfg.model.contrastive_weight,
                         "temperature": cfg.model.temperature,
-                        "gate_l2": cfg.model.gate_l2,
+                        "gate_l2": cfg.model.fusion_gate_l2,
                     },
                     "decoding": dataclasses.asdict(cfg.decoding),
                     "parameter_counts": counts,
@@ -560,8 +543,10 @@ def main(cfg: CaptionConfig) -> CaptionResult:
             )
 
         # -- 5. optimisation: AdamW, projector lr vs fusion lr, warmup + cosine ---------------------------------
-        groups = caption_parameter_groups(
-            model, projector_lr=train_cfg.lr, adapter_lr=train_cfg.backbone_lr, weight_decay=train_cfg.weight_decay
+        groups = parameter_groups(
+            model,
+            [("projector", model.projector, train_cfg.lr), ("adapters", None, train_cfg.backbone_lr)],
+            weight_decay=train_cfg.weight_decay,
         )
         optimizer = build_optimizer(groups)
         steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), train_cfg.grad_accum_steps)
@@ -571,17 +556,14 @@ def main(cfg: CaptionConfig) -> CaptionResult:
             num_training_steps=train_cfg.epochs * steps_per_epoch,
             warmup_ratio=train_cfg.warmup_ratio,
         )
-        if resume_dir is not None:
-            load_trainable_state_dict(model, load_trainable(resume_dir))
-            restore_optimization(resume_dir, optimizer, scheduler)
-            logger.info("resumed from %s after epoch %d", resume_dir, resume_state.epoch)
+        run.restore(model, optimizer, scheduler)
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
         val_pairs, val_clips = eval_loader("val", pairs=True), eval_loader("val", pairs=False)
 
         # -- 6. one training step: teacher-forced XE (+ InfoNCE, + gate L2) -------------------------------------
         def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
             out = teacher_forced(model, batch)
-            parts = {"xe_loss": out.xe_loss, "gate_penalty": out.gate_penalty}
+            parts = {"xe_loss": out.xe_loss, "fusion_gate_penalty": out.fusion_gate_penalty}
             if cfg.model.contrastive_weight > 0:
                 parts["contrastive_loss"] = out.contrastive_loss
             return StepOutput(loss=out.loss, parts=parts)
@@ -631,41 +613,26 @@ def main(cfg: CaptionConfig) -> CaptionResult:
 
                 metrics = broadcast_object_list([metrics])[0]
             metrics["val/xe_loss"] = val_xe(model)
-            gates = accelerator.unwrap_model(model).gate_magnitudes()
-            metrics.update({f"gate/layer_{layer}": value for layer, value in gates.items()})
+            gates = accelerator.unwrap_model(model).fusion_gate_magnitudes()
+            metrics.update({f"fusion_gate/layer_{layer}": value for layer, value in gates.items()})
             return metrics
 
         # -- 8. train ---------------------------------------------------------------------------------------------
-        checkpoint_dir = output_dir / "checkpoints"
-
-        def on_checkpoint(path: Path, kind: str) -> None:
-            tokenizer.save_pretrained(path / "tokenizer")  # lm-tiny's vocabulary is built from this run's data
-            run_logger.log_artifacts(path, f"checkpoints/{kind}")
-
-        state = resume_state or LoopState(run_id=run_id)
-        state.run_id = run_id
         try:
-            state = fit(
-                accelerator=accelerator,
+            state = run.fit(
                 model=model,
                 optimizer=optimizer,
                 scheduler=scheduler,
                 train_loader=train_loader,
                 train_step=train_step,
-                train_metrics=None,
                 evaluate=evaluate,
-                cfg=train_cfg,
-                seed=cfg.seed,
-                run_logger=run_logger,
-                checkpoint_dir=checkpoint_dir,
-                config_yaml=config_yaml,
-                trainable_state=lambda: trainable_state_dict(accelerator.unwrap_model(model)),
-                state=state,
-                on_checkpoint=on_checkpoint,
+                train_cfg=train_cfg,
+                # lm-tiny's vocabulary is built from this run's data: the checkpoint carries its tokenizer
+                before_upload=lambda path: tokenizer.save_pretrained(path / "tokenizer"),
             )
 
             # -- 9. the best checkpoint: final captions and scores, predictions.json, plots -----------------------
-            load_best_on_every_rank(accelerator, model, checkpoint_dir / "best")
+            run.load_best(model)
             final_metrics: dict[str, float] = {}
             predictions: dict[str, Any] = {}
             for split in [s for s in ("val", "test") if s in splits]:
@@ -679,15 +646,15 @@ def main(cfg: CaptionConfig) -> CaptionResult:
                 scorer.close()
 
         result = CaptionResult(
-            run_id=run_id,
+            run_id=run.run_id,
             state=state,
             final_metrics=final_metrics,
             monitor=monitor,
             spice_unavailable_reason=no_spice,
             parameter_counts=counts,
-            output_dir=output_dir,
+            output_dir=run.output_dir,
         )
-        if not accelerator.is_main_process:
+        if not run.is_main_process:
             return result
 
         run_logger.log_metrics({**final_metrics, "best_epoch": state.best_epoch}, step=state.global_step)
@@ -696,28 +663,23 @@ def main(cfg: CaptionConfig) -> CaptionResult:
         _log_plots(run_logger, state.history, cfg.model.fusion_layers)
 
         # -- 10. registry: candidate, then the promotion gate -----------------------------------------------------
-        if registry_cfg.register:
-            run_logger.flush()
-            version = log_and_register(
-                registry_cfg,
-                checkpoint_dir=checkpoint_dir / "best",
-                recipe=RECIPE,
-                run_id=run_id,
-                metric_value=state.best_value,
-                extra_tags={
-                    "encoder": cfg.model.encoder,
-                    "lm": cfg.model.lm,
-                    "fusion": cfg.model.fusion,
-                    "dataset": dataset_name,
-                    "best_epoch": str(state.best_epoch),
-                },
-            )
-            decision = promote_if_better(registry_cfg, version.version)
-            run_logger.set_tags(
-                {"registered_version": version.version, "promotion": "promoted" if decision.promoted else "rejected"}
-            )
-            result.model_version, result.promoted = str(version.version), decision.promoted
-        logger.info("done: run %s, best %s %.4f at epoch %d", run_id, monitor, state.best_value, state.best_epoch)
+        registration = run.register_and_promote(
+            registry_cfg,
+            recipe=RECIPE,
+            metric_value=state.best_value,
+            tags={
+                "encoder": cfg.model.encoder,
+                "lm": cfg.model.lm,
+                "fusion": cfg.model.fusion,
+                "dataset": dataset_name,
+                "best_epoch": str(state.best_epoch),
+            },
+            input_example=predictor_input([splits["val"][0]], data_modality),
+            output_example=[predictions["val"][0]["prediction"]] if "val" in predictions else [""],
+        )
+        if registration is not None:
+            result.model_version, result.promoted = registration.version, registration.promoted
+        logger.info("done: run %s, best %s %.4f at epoch %d", run.run_id, monitor, state.best_value, state.best_epoch)
         return result
 
 
@@ -747,10 +709,11 @@ def _log_plots(run_logger: Any, history: list[dict[str, float]], fusion_layers: 
         ),
         "plots/training_curves.png",
     )
-    gate_keys = [f"gate/layer_{layer}" for layer in fusion_layers if f"gate/layer_{layer}" in history[-1]]
+    gate_keys = [f"fusion_gate/layer_{layer}" for layer in fusion_layers if f"fusion_gate/layer_{layer}" in history[-1]]
     if gate_keys:
         run_logger.log_figure(
-            plots.training_curves(history, {"gate magnitude per fusion layer": gate_keys}), "plots/gate_magnitudes.png"
+            plots.training_curves(history, {"gate magnitude per fusion layer": gate_keys}),
+            "plots/fusion_gate_magnitudes.png",
         )
 
 
@@ -767,6 +730,16 @@ def load_captioner(checkpoint_dir: str | Path) -> tuple[FusionCaptioner, Caption
     model = build_captioner(cfg.model, tokenizer)
     load_trainable_state_dict(model, load_trainable(checkpoint_dir))
     return model.eval(), cfg
+
+
+def predictor_input(records: Sequence[Any], modality: str) -> Any:
+    """The registered model's input for ``records``: a DataFrame with a ``frames_dir`` (video) or ``audio_path``
+    (audio) column, as :func:`load_predictor` reads it."""
+    import pandas as pd
+
+    if modality == "video":
+        return pd.DataFrame({"frames_dir": [str(Path(r.frame_paths[0]).parent) for r in records]})
+    return pd.DataFrame({"audio_path": [str(r.audio_path) for r in records]})
 
 
 def load_predictor(checkpoint_dir: str | Path) -> Callable[[Any], list[str]]:

@@ -24,9 +24,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
 
-from avlm.config import config_to_dict, load_config
+from avlm.config import load_config
 from avlm.data import (
     CVS_CRITERIA,
     ClipDataset,
@@ -39,7 +38,7 @@ from avlm.data import (
     manifest_hash,
     mix_clips,
 )
-from avlm.errors import ConfigError
+from avlm.errors import ConfigError, DataError
 from avlm.features import TokenDataset, cached_tokens
 from avlm.losses import MultiLabelLoss
 from avlm.metrics import attention_entropy_percent, average_precision_per_class, layer_entropies_percent
@@ -52,22 +51,18 @@ from avlm.models import (
     load_trainable_state_dict,
     parameter_groups,
     save_lora_adapter,
-    trainable_state_dict,
 )
-from avlm.tracking import TrackingConfig, plots, record_run_start, tracked_run
-from avlm.tracking.registry import RegistryConfig, log_and_register, promote_if_better
+from avlm.tracking import TrackingConfig, plots, record_run_start
+from avlm.tracking.registry import RegistryConfig
 from avlm.train import (
     LoopState,
     StepOutput,
     TrainConfig,
     build_optimizer,
     build_scheduler,
-    fit,
-    load_best_on_every_rank,
     load_trainable,
-    make_accelerator,
+    open_run,
     optimizer_steps_per_epoch,
-    restore_optimization,
     resume_from,
 )
 
@@ -293,45 +288,31 @@ def _collate_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 def main(cfg: CVSConfig) -> CVSResult:
     """Train, evaluate, log and register one CVS model. See the module docstring for the method."""
-    cfg, resume_dir, resume_state = resume_from(cfg)
+    cfg, resume = resume_from(cfg)
 
-    accelerator = make_accelerator(cfg.train)
-    if cfg.train.batch_size % accelerator.num_processes:
-        raise ConfigError(
-            f"config key 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the "
-            f"number of processes ({accelerator.num_processes})"
-        )
+    # -- 1. data (bad data stops here, before an MLflow run exists) ---------------------------------------------
+    splits, dataset_name = load_cvs_splits(cfg.data)
+
+    # -- 2. model: frozen backbone + attentive head (+ LoRA / unfrozen blocks) ----------------------------------
     torch.manual_seed(cfg.seed)
-    run_name = run_name_for(cfg)
-    with tracked_run(
-        cfg.tracking,
-        recipe=RECIPE,
-        run_name=run_name,
-        is_main_process=accelerator.is_main_process,
-        resume_run_id=resume_state.run_id if resume_state else None,
-    ) as run_logger:
-        # -- 1. data --------------------------------------------------------------------------------------------
-        splits, dataset_name = load_cvs_splits(cfg.data)
+    model = build_cvs_model(cfg.model, num_frames=cfg.data.clip_frames)
+    backbone = model.backbone
+    trainable, total = count_parameters(model)
+    pixel_sets = {
+        name: ClipDataset(records, backbone.image_size, backbone.mean, backbone.std) for name, records in splits.items()
+    }
 
-        # -- 2. model: frozen backbone + attentive head (+ LoRA / unfrozen blocks) ------------------------------
-        model = build_cvs_model(cfg.model, num_frames=cfg.data.clip_frames)
-        backbone = model.backbone
-        trainable, total = count_parameters(model)
-        pixel_sets = {
-            name: ClipDataset(records, backbone.image_size, backbone.mean, backbone.std)
-            for name, records in splits.items()
-        }
+    run_name = run_name_for(cfg)
+    with open_run(cfg, recipe=RECIPE, run_name=run_name, train_cfg=cfg.train, resume=resume) as run:
+        accelerator, run_logger = run.accelerator, run.logger
 
         # -- 3. what this run is: config, tags, run card --------------------------------------------------------
-        run_id = run_logger.run_id
-        output_dir = Path(cfg.output_dir) / f"{run_name}-{(run_id or 'local')[:8]}"
-        config_yaml = yaml.safe_dump({**config_to_dict(cfg), "resume": ""}, sort_keys=False)
-        if resume_state is None:
+        if run.is_new:
             gate = f"{cfg.registry.promote_metric} {cfg.registry.promote_mode} +{cfg.registry.promote_margin:g}"
             record_run_start(
                 run_logger,
                 cfg=cfg,
-                config_yaml=config_yaml,
+                config_yaml=run.config_yaml,
                 tags={
                     "recipe": RECIPE,
                     "dataset": dataset_name,
@@ -422,7 +403,9 @@ def main(cfg: CVSConfig) -> CVSResult:
             label_smoothing=cfg.loss.label_smoothing,
         )
         groups = parameter_groups(
-            model, head_lr=cfg.train.lr, backbone_lr=cfg.train.backbone_lr, weight_decay=cfg.train.weight_decay
+            model,
+            [("head", model.head, cfg.train.lr), ("backbone", model.backbone, cfg.train.backbone_lr)],
+            weight_decay=cfg.train.weight_decay,
         )
         optimizer = build_optimizer(groups)
         steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), cfg.train.grad_accum_steps)
@@ -434,10 +417,7 @@ def main(cfg: CVSConfig) -> CVSResult:
             warmup_ratio=cfg.train.warmup_ratio,
             frozen_steps_by_group=[staged_steps if g["name"].startswith("backbone") else 0 for g in groups],
         )
-        if resume_dir is not None:
-            load_trainable_state_dict(model, load_trainable(resume_dir))
-            restore_optimization(resume_dir, optimizer, scheduler)
-            logger.info("resumed from %s after epoch %d", resume_dir, resume_state.epoch)
+        run.restore(model, optimizer, scheduler)
         model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
             model, optimizer, train_loader, val_loader, scheduler
         )
@@ -501,15 +481,7 @@ def main(cfg: CVSConfig) -> CVSResult:
             return metrics
 
         # -- 8. train ---------------------------------------------------------------------------------------------
-        checkpoint_dir = output_dir / "checkpoints"
-
-        def on_checkpoint(path: Path, kind: str) -> None:
-            run_logger.log_artifacts(path, f"checkpoints/{kind}")
-
-        state = resume_state or LoopState(run_id=run_id)
-        state.run_id = run_id
-        state = fit(
-            accelerator=accelerator,
+        state = run.fit(
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -517,18 +489,11 @@ def main(cfg: CVSConfig) -> CVSResult:
             train_step=train_step,
             train_metrics=classification_metrics,
             evaluate=evaluate,
-            cfg=cfg.train,
-            seed=cfg.seed,
-            run_logger=run_logger,
-            checkpoint_dir=checkpoint_dir,
-            config_yaml=config_yaml,
-            trainable_state=lambda: trainable_state_dict(accelerator.unwrap_model(model)),
-            state=state,
-            on_checkpoint=on_checkpoint,
+            train_cfg=cfg.train,
         )
 
         # -- 9. the best checkpoint: final evaluation, predictions, plots ---------------------------------------
-        net = load_best_on_every_rank(accelerator, model, checkpoint_dir / "best")
+        net = run.load_best(model)
         final_metrics: dict[str, float] = {}
         val_scores, val_targets, _ = predict(model, val_loader)
         final_metrics.update({f"final/val_{k}": v for k, v in classification_metrics(val_scores, val_targets).items()})
@@ -541,40 +506,39 @@ def main(cfg: CVSConfig) -> CVSResult:
                 {f"final/test_{k}": v for k, v in classification_metrics(test_scores, test_targets).items()}
             )
         result = CVSResult(
-            run_id=run_id, state=state, final_metrics=final_metrics, used_feature_cache=use_cache, output_dir=output_dir
+            run_id=run.run_id,
+            state=state,
+            final_metrics=final_metrics,
+            used_feature_cache=use_cache,
+            output_dir=run.output_dir,
         )
-        if not accelerator.is_main_process:
+        if not run.is_main_process:
             return result
 
-        run_logger.log_metrics(final_metrics, step=state.global_step)
-        run_logger.log_metrics({"best_epoch": state.best_epoch}, step=state.global_step)
-        save_lora_adapter(net, checkpoint_dir / "best" / "lora_adapter")
+        run_logger.log_metrics({**final_metrics, "best_epoch": state.best_epoch}, step=state.global_step)
+        save_lora_adapter(net, run.checkpoint_dir / "best" / "lora_adapter")
         _log_predictions(run_logger, splits["val"], val_scores, val_targets)
         _log_plots(run_logger, state.history, val_scores, val_targets)
 
         # -- 10. registry: candidate, then the promotion gate -----------------------------------------------------
-        if cfg.registry.register:
-            run_logger.flush()
-            version = log_and_register(
-                cfg.registry,
-                checkpoint_dir=checkpoint_dir / "best",
-                recipe=RECIPE,
-                run_id=run_id,
-                metric_value=state.best_value,
-                extra_tags={
-                    "backbone": cfg.model.backbone,
-                    "adaptation": cfg.model.adaptation,
-                    "dataset": dataset_name,
-                    "best_epoch": str(state.best_epoch),
-                },
-            )
-            decision = promote_if_better(cfg.registry, version.version)
-            run_logger.set_tags(
-                {"registered_version": version.version, "promotion": "promoted" if decision.promoted else "rejected"}
-            )
-            result.model_version, result.promoted = str(version.version), decision.promoted
+        registration = run.register_and_promote(
+            cfg.registry,
+            recipe=RECIPE,
+            metric_value=state.best_value,
+            tags={
+                "backbone": cfg.model.backbone,
+                "adaptation": cfg.model.adaptation,
+                "dataset": dataset_name,
+                "best_epoch": str(state.best_epoch),
+            },
+            input_example=pixel_sets["val"][0]["pixel_values"][None].numpy(),
+            output_example=probability_frame(val_scores[:1]),
+            metadata={"preprocessing": preprocessing_card(cfg, backbone)},
+        )
+        if registration is not None:
+            result.model_version, result.promoted = registration.version, registration.promoted
         logger.info(
-            "done: run %s, best %s %.4f at epoch %d", run_id, cfg.train.monitor, state.best_value, state.best_epoch
+            "done: run %s, best %s %.4f at epoch %d", run.run_id, cfg.train.monitor, state.best_value, state.best_epoch
         )
         return result
 
@@ -632,16 +596,42 @@ def load_classifier(checkpoint_dir: str | Path) -> tuple[VideoClassifier, CVSCon
     return model.eval(), cfg
 
 
-def load_predictor(checkpoint_dir: str | Path) -> Any:
-    """Callable: clips (B, T, 3, S, S) float array, normalised as the backbone expects → DataFrame of P(criterion)."""
+def probability_frame(probs: np.ndarray) -> Any:
+    """The registered model's output: one row per clip, columns ``prob_C1..3``."""
     import pandas as pd
 
-    model, _ = load_classifier(checkpoint_dir)
+    return pd.DataFrame(np.asarray(probs), columns=[f"prob_{c}" for c in CVS_CRITERIA])
+
+
+def preprocessing_card(cfg: CVSConfig, backbone: Any) -> dict[str, Any]:
+    """How a client prepares clips for ``predict`` (stored in the registered model's metadata)."""
+    return {
+        "clip_frames": cfg.data.clip_frames,
+        "frame_stride_s": cfg.data.frame_stride / 25,
+        "image_size": backbone.image_size,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "layout": "(B, T, 3, S, S) float32: RGB frames resized to S x S, divided by 255, then (x - mean) / std",
+    }
+
+
+# Normalised pixels lie within a few units of 0; raw 0-255 values divided by a std of ~0.25 reach ~1000.
+_MAX_NORMALISED_PIXEL = 20.0
+
+
+def load_predictor(checkpoint_dir: str | Path) -> Any:
+    """Callable: clips (B, T, 3, S, S) float array, normalised as the backbone expects → DataFrame of P(criterion)."""
+    model, cfg = load_classifier(checkpoint_dir)
 
     @torch.no_grad()
-    def predict(clips: Any) -> pd.DataFrame:
+    def predict(clips: Any) -> Any:
         pixels = torch.as_tensor(np.asarray(clips), dtype=torch.float32)
-        probs = torch.sigmoid(model(pixel_values=pixels).logits).numpy()
-        return pd.DataFrame(probs, columns=[f"prob_{c}" for c in CVS_CRITERIA])
+        if pixels.numel() and pixels.abs().max() > _MAX_NORMALISED_PIXEL:
+            raise DataError(
+                f"model input reaches {pixels.abs().max():.4g}: it looks like raw pixels; resize frames to "
+                f"{model.backbone.image_size}, divide by 255 and normalise with mean {list(model.backbone.mean)} and "
+                f"std {list(model.backbone.std)} (the registered model's metadata 'preprocessing')"
+            )
+        return probability_frame(torch.sigmoid(model(pixel_values=pixels).logits).numpy())
 
     return predict

@@ -1,19 +1,19 @@
 """Probe: do a pretrained backbone's frozen features carry more task information than a random-init copy's?
 
-Method. A gate is declared in the config and logged before anything runs: PASS iff every sanity check passes and,
+Method. A gate is declared in the config and logged before anything trains: PASS iff every sanity check passes and,
 for the probe configuration (pooling × optimizer) chosen on val, the mean over seeds of (pretrained − random) mAP
 is at least ``gate.required_delta``. Then:
 
 1. data: a clip manifest (CSV/JSON: frames, labels, group key, split; ``avlm.data.manifest``), or the built-in
-   CVS demo written as one;
+   CVS demo written as one; read and checked before the MLflow run is opened, so bad data leaves no run behind;
 2. backbones: the pretrained one (hub weights, a safetensors checkpoint of the same architecture, or a short
    masked-pixel pretext on the unlabelled train clips) and a random-init copy of the same architecture;
-3. frozen tokens of every split, once per backbone (feature cache keyed on the weights);
+3. frozen tokens of every split, once per backbone (feature cache keyed on the weights; ``avlm.probe.features``);
 4. sanity suite, before any headline number: split hygiene per seed, tiny-subset overfit, shuffled-label control,
    label provenance;
 5. the grid: for each pooling, optimizer and seed, a probe on the pretrained tokens and one on the random-init
-   tokens, same init and batch order, each trained by the shared loop ``avlm.train.fit`` (a nested MLflow run per
-   cell and seed);
+   tokens, same init and batch order, each trained by the shared loop ``avlm.train.fit`` (``avlm.probe.train``;
+   a nested MLflow run per cell and seed);
 6. the gate's decision, the report (Markdown + JSON) and a plot on the parent run, ``gate=PASS|FAIL`` tags;
 7. on PASS only, the probed backbone's reference (not external weights) registered with the gate's evidence.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import zlib
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,19 +37,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from torch import nn
 from tqdm.auto import tqdm
 
 from avlm.config import config_to_dict, flatten_config, load_config
 from avlm.data import ClipManifest, default_cache_dir, load_clip_manifest, write_cvs_demo_manifest
+from avlm.data.masked_inputs import MaskedInputs
 from avlm.errors import ConfigError
-from avlm.features import TokenDataset, cached_tokens
 from avlm.metrics import mean_average_precision
-from avlm.models import VideoBackbone, build_backbone, count_parameters
-from avlm.models.heads import AttentivePooler
+from avlm.models import LinearProbe, VideoBackbone, build_backbone, count_parameters
 from avlm.models.pretext import (
-    PatchGrid,
     PretextConfig,
     load_backbone_checkpoint,
     pretrain_backbone,
@@ -58,34 +55,50 @@ from avlm.models.pretext import (
     token_patch_grid,
 )
 from avlm.probe import (
+    POOLINGS,
     CellResult,
     GateConfig,
     GateDecision,
+    ProbeFit,
     ProbeReport,
     SanityResult,
     ablation_table,
+    available_poolings,
+    cell_metrics,
+    cell_result,
     decide,
+    evidence_tags,
+    extract_frozen_features,
+    gate_metrics,
     label_provenance,
+    pooling_unavailable,
     render_markdown,
     report_json,
     run_table,
+    seed_subset,
     shuffled_label_control,
     split_hygiene,
     tiny_subset_overfit,
+    train_probe,
 )
-from avlm.stats import best_f1
-from avlm.tracking import NullLogger, PrefixedLogger, TrackingConfig, nested_run, plots, record_run_start, tracked_run
+from avlm.tracking import (
+    NullLogger,
+    PrefixedLogger,
+    RunLogger,
+    TrackingConfig,
+    nested_run,
+    plots,
+    record_run_start,
+    tracked_run,
+)
 from avlm.tracking.registry import register_reference
-from avlm.train import StepOutput, TrainConfig, build_optimizer, build_scheduler, fit, make_accelerator
+from avlm.train import TrainConfig, make_accelerator
 from avlm.train.optim import OPTIMIZERS
 
 logger = logging.getLogger(__name__)
 
 RECIPE = "probe"
-POOLINGS = ("mean_all", "mean_excluding_cls", "mean_visible", "attentive")
 BACKBONES = ("pretrained", "random")
-# MLflow keeps tag values up to 8,000 characters; the reasoning is cut below that, the report holds it whole.
-_MAX_TAG = 7000
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,7 +298,7 @@ class ProbeResult:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: the manifest, masked inputs, per-seed subsets
+# Data: the manifest
 # ----------------------------------------------------------------------------------------------------------------
 def load_probe_manifest(cfg: ProbeDataConfig) -> tuple[ClipManifest, str]:
     """The manifest (train and val required) and the dataset's name (``cvs-demo`` or the manifest's path)."""
@@ -306,43 +319,6 @@ def load_probe_manifest(cfg: ProbeDataConfig) -> tuple[ClipManifest, str]:
     return manifest, name
 
 
-class MaskedInputs(torch.utils.data.Dataset):
-    """A clip dataset whose clips have a fixed random fraction of their patches blanked, with the visible tokens.
-
-    The mask of a clip depends on its sample id and the seed only, so it is the same in every split, subset and
-    process. Blanked pixels are set to 0, the dataset mean colour after normalisation (as in the pretext).
-    """
-
-    def __init__(self, clips: torch.utils.data.Dataset, grid: PatchGrid, mask_ratio: float, seed: int) -> None:
-        self.clips = clips
-        self.grid = grid
-        self.num_masked = min(grid.num_tokens - 1, max(1, round(mask_ratio * grid.num_tokens)))
-        self.seed = seed
-
-    def visible(self, sample_id: str) -> torch.Tensor:
-        """(L,) bool: the tokens of the clip whose patches are kept."""
-        rng = np.random.default_rng([self.seed, zlib.crc32(sample_id.encode())])
-        keep = torch.ones(self.grid.num_tokens, dtype=torch.bool)
-        keep[torch.from_numpy(rng.permutation(self.grid.num_tokens)[: self.num_masked])] = False
-        return keep
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.clips[i]
-        visible = self.visible(item["sample_id"])
-        pixels = item["pixel_values"].masked_fill(self.grid.pixel_mask(~visible[None])[0], 0.0)
-        return {**item, "pixel_values": pixels, "visible": visible}
-
-
-def seed_subset(size: int, limit: int, seed: int) -> np.ndarray:
-    """Sorted indices of a random subset of ``limit`` of ``size`` items drawn with ``seed`` (all when 0 or more)."""
-    if limit == 0 or limit >= size:
-        return np.arange(size)
-    return np.sort(np.random.default_rng(seed).choice(size, limit, replace=False))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Backbones: the pretrained one and its random-init copy
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,7 +326,7 @@ def build_backbone_pair(
     cfg: ProbeBackboneConfig,
     num_frames: int,
     pretext_clips: Callable[[VideoBackbone], torch.utils.data.Dataset],
-    accelerator: Any,
+    accelerator: Accelerator,
     out: Path,
 ) -> tuple[VideoBackbone, VideoBackbone, dict[str, Any]]:
     """The pretrained backbone, its random-init copy (same spec, sizes and init seed) and how the first was made.
@@ -404,223 +380,6 @@ def _weights_reference(spec: str) -> str:
     return spec
 
 
-def pooling_unavailable(pooling: str, backbone: VideoBackbone, masked: bool) -> str | None:
-    """Why ``pooling`` cannot be used with this backbone and input, or None if it can."""
-    if pooling == "mean_excluding_cls" and backbone.prefix_token_mask() is None:
-        return f"backbone '{backbone.name}' has no CLS or register token"
-    if pooling == "mean_visible" and not masked:
-        return "inputs are not masked (data.input_mask_ratio is 0)"
-    return None
-
-
-def available_poolings(requested: list[str], backbone: VideoBackbone, masked: bool) -> tuple[list[str], dict]:
-    """The requested poolings this backbone and input can serve, and the reason for each one skipped."""
-    skipped = {p: reason for p in requested if (reason := pooling_unavailable(p, backbone, masked))}
-    kept = [p for p in requested if p not in skipped]
-    if not kept:
-        raise ConfigError(f"config key 'grid.poolings': none of {requested} applies here ({skipped})")
-    return kept, skipped
-
-
-def pooled_features(
-    tokens: torch.Tensor, pooling: str, visible: torch.Tensor | None, prefix: torch.Tensor | None
-) -> torch.Tensor:
-    """(N, L, D) tokens → what the probe sees: (N, D) for the mean poolings, the tokens for ``attentive``."""
-    if pooling == "mean_all":
-        return tokens.mean(dim=1)
-    if pooling == "mean_excluding_cls":
-        return tokens[:, ~prefix].mean(dim=1)
-    if pooling == "mean_visible":
-        weights = visible.to(tokens.dtype).unsqueeze(-1)
-        return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-    return tokens
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The probe and its training through the shared loop
-# ----------------------------------------------------------------------------------------------------------------
-class LinearProbe(nn.Module):
-    """A linear classifier on standardised pooled features, or on an attentive pooling of the tokens.
-
-    Args:
-        dim: feature width D.
-        num_labels: outputs.
-        pooling: ``attentive`` puts a one-query ``AttentivePooler`` (V-JEPA's evaluation probe) before the linear
-            layer; otherwise the inputs are already pooled and are standardised with ``feature_mean``/``feature_std``
-            (the training split's), so that one learning rate suits every backbone.
-        heads: attention heads of the attentive pooler.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_labels: int,
-        pooling: str,
-        feature_mean: torch.Tensor | None = None,
-        feature_std: torch.Tensor | None = None,
-        heads: int = 4,
-    ) -> None:
-        super().__init__()
-        self.pooler = AttentivePooler(dim, num_queries=1, num_heads=heads) if pooling == "attentive" else None
-        self.register_buffer("feature_mean", feature_mean if feature_mean is not None else torch.zeros(dim))
-        self.register_buffer("feature_std", feature_std if feature_std is not None else torch.ones(dim))
-        self.linear = nn.Linear(dim, num_labels)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if self.pooler is not None:
-            features, _ = self.pooler(features)
-        else:
-            features = (features - self.feature_mean) / self.feature_std
-        return self.linear(features)
-
-
-@dataclasses.dataclass
-class ProbeFit:
-    """A trained probe's last-epoch predictions.
-
-    Attributes:
-        scores / targets: split → (N, K) sigmoid scores and the targets they were scored against, in split order.
-        first_batch: the labels and dataset indices of the first training batch.
-    """
-
-    scores: dict[str, np.ndarray]
-    targets: dict[str, np.ndarray]
-    first_batch: tuple[np.ndarray, np.ndarray]
-
-
-@dataclasses.dataclass
-class FrozenFeatures:
-    """The frozen tokens of both backbones for every split, and what each pooling needs besides them.
-
-    Attributes:
-        tokens: backbone name (``pretrained``/``random``) → split → (N, L, D) tokens in manifest order.
-        labels: split → (N, K) float labels in manifest order.
-        visible: split → (N, L) bool visible tokens (masked inputs only).
-        prefix: (L,) bool CLS/register tokens, or None.
-    """
-
-    tokens: dict[str, dict[str, torch.Tensor]]
-    labels: dict[str, torch.Tensor]
-    visible: dict[str, torch.Tensor]
-    prefix: torch.Tensor | None
-
-    def inputs(self, backbone: str, pooling: str, subsets: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Split → the probe inputs of the clips ``subsets[split]`` (indices into the split)."""
-        return {
-            split: pooled_features(self.tokens[backbone][split], pooling, self.visible.get(split), self.prefix)[
-                torch.as_tensor(indices)
-            ]
-            for split, indices in subsets.items()
-        }
-
-    def targets(self, subsets: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Split → the labels of the clips ``subsets[split]``."""
-        return {split: self.labels[split][torch.as_tensor(indices)] for split, indices in subsets.items()}
-
-
-def train_probe(
-    *,
-    features: dict[str, torch.Tensor],
-    labels: dict[str, torch.Tensor],
-    pooling: str,
-    optimizer_name: str,
-    seed: int,
-    train_cfg: TrainConfig,
-    grid: ProbeGridConfig,
-    accelerator: Any,
-    run_logger: Any,
-    checkpoint_dir: Path,
-    config_yaml: str,
-) -> ProbeFit:
-    """Train one probe on ``features["train"]`` with the shared loop; predict every split of ``features``.
-
-    The probe's init and batch order depend on ``seed`` alone, so the pretrained and random-init probes of a cell
-    differ only by their features. The predictions are the last epoch's: val chooses nothing here.
-    """
-    train_features, train_labels = features["train"], labels["train"]
-    stats = {}
-    if pooling != "attentive":
-        stats = {"feature_mean": train_features.mean(0), "feature_std": train_features.std(0).clamp_min(1e-6)}
-    torch.manual_seed(seed)
-    probe = LinearProbe(train_features.shape[-1], train_labels.shape[1], pooling, heads=grid.attentive_heads, **stats)
-    lr = train_cfg.lr if optimizer_name == "adamw" else grid.sgd_lr
-    # No decay on biases and the pooler's queries and norms, as in the other recipes.
-    decayed = [p for n, p in probe.named_parameters() if p.ndim >= 2 and "queries" not in n]
-    not_decayed = [p for n, p in probe.named_parameters() if p.ndim < 2 or "queries" in n]
-    optimizer = build_optimizer(
-        [
-            {"params": decayed, "lr": lr, "weight_decay": train_cfg.weight_decay},
-            {"params": not_decayed, "lr": lr, "weight_decay": 0.0},
-        ],
-        kind=optimizer_name,
-        momentum=grid.sgd_momentum,
-    )
-    train_loader = torch.utils.data.DataLoader(
-        TokenDataset(train_features, train_labels),
-        batch_size=min(train_cfg.batch_size, len(train_features)),
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    eval_loaders = {
-        split: torch.utils.data.DataLoader(TokenDataset(features[split], labels[split]), batch_size=512)
-        for split in features
-    }
-    scheduler = build_scheduler(
-        optimizer,
-        name=train_cfg.scheduler,
-        num_training_steps=train_cfg.epochs * len(train_loader),
-        warmup_ratio=train_cfg.warmup_ratio,
-    )
-    probe, optimizer, train_loader, scheduler = accelerator.prepare(probe, optimizer, train_loader, scheduler)
-    eval_loaders = {split: accelerator.prepare(loader) for split, loader in eval_loaders.items()}
-    loss_fn = nn.BCEWithLogitsLoss()
-    first_batch: list[np.ndarray] = []
-
-    def train_step(model: nn.Module, batch: dict[str, Any], _generator: torch.Generator) -> StepOutput:
-        if not first_batch:  # what the first batch really trained on, for the label-provenance check
-            first_batch.extend([batch["labels"].cpu().numpy(), batch["index"].cpu().numpy()])
-        logits = model(batch["tokens"])
-        return StepOutput(loss_fn(logits, batch["labels"]), torch.sigmoid(logits), batch["labels"])
-
-    @torch.no_grad()
-    def predict(model: nn.Module, loader: Any) -> tuple[np.ndarray, np.ndarray]:
-        scores, targets = [], []
-        for batch in loader:
-            logits, batch_labels = accelerator.gather_for_metrics((model(batch["tokens"]), batch["labels"]))
-            scores.append(torch.sigmoid(logits).float().cpu().numpy())
-            targets.append(batch_labels.float().cpu().numpy())
-        return np.concatenate(scores), np.concatenate(targets)
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        scores, targets = predict(model, eval_loaders["val"])
-        return {"val/mAP": mean_average_precision(targets, scores), "val/best_F1": best_f1(targets, scores)}
-
-    fit(
-        accelerator=accelerator,
-        model=probe,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_loader=train_loader,
-        train_step=train_step,
-        train_metrics=lambda scores, targets: {"mAP": mean_average_precision(targets, scores)},
-        evaluate=evaluate,
-        cfg=train_cfg,
-        seed=seed,
-        run_logger=run_logger,
-        checkpoint_dir=checkpoint_dir,
-        config_yaml=config_yaml,
-        trainable_state=lambda: {k: v.detach().cpu() for k, v in accelerator.unwrap_model(probe).state_dict().items()},
-        verbose=False,
-    )
-    probe.eval()
-    predictions = {split: predict(probe, loader) for split, loader in eval_loaders.items()}
-    return ProbeFit(
-        scores={split: scores for split, (scores, _) in predictions.items()},
-        targets={split: targets for split, (_, targets) in predictions.items()},
-        first_batch=(first_batch[0], first_batch[1]),
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The sanity suite
 # ----------------------------------------------------------------------------------------------------------------
@@ -628,7 +387,7 @@ def run_sanity_suite(
     cfg: ProbeConfig,
     manifest: ClipManifest,
     subsets_by_seed: dict[int, dict[str, np.ndarray]],
-    train: Any,
+    train: Callable[[dict[str, np.ndarray], np.ndarray | None, TrainConfig], ProbeFit],
 ) -> tuple[list[SanityResult], list[dict[str, Any]]]:
     """The sanity checks, in the order the report shows them, and the first training batch's rows.
 
@@ -710,8 +469,18 @@ def main(cfg: ProbeConfig) -> ProbeResult:
     accelerator = make_accelerator(cfg.train)
     run_name = cfg.tracking.run_name or f"{RECIPE}-{cfg.backbone.spec.split('/')[-1].replace(':', '-')}"
     is_main = accelerator.is_main_process
+
+    # -- 1. data: the manifest, checked before an MLflow run exists (bad data must not leave a FAILED run) ---------
+    manifest, dataset_name = load_probe_manifest(cfg.data)
+    splits = [s for s in ("train", "val", "test") if s in manifest.by_split()]
+    if cfg.gate.evaluate_on not in splits:
+        raise ConfigError(
+            f"config key 'gate.evaluate_on' = {cfg.gate.evaluate_on!r}, but {manifest.path} has no such split; "
+            "add one, or evaluate on val (the split the configuration is chosen on: an optimistic figure)"
+        )
+
     with tracked_run(cfg.tracking, recipe=RECIPE, run_name=run_name, is_main_process=is_main) as run_logger:
-        # -- 0. the gate, declared before anything runs -------------------------------------------------------------
+        # -- the gate, declared before anything trains ----------------------------------------------------------
         gate_text = (
             f"PASS iff every sanity check passes and the mean over seeds of (pretrained - random) "
             f"{cfg.gate.evaluate_on} {cfg.gate.metric} >= {cfg.gate.required_delta:g} for the pooling x optimizer "
@@ -725,14 +494,6 @@ def main(cfg: ProbeConfig) -> ProbeResult:
         out = Path(cfg.output_dir) / f"{run_name}-{run_tag}"
         config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
-        # -- 1. data: the manifest ----------------------------------------------------------------------------------
-        manifest, dataset_name = load_probe_manifest(cfg.data)
-        splits = [s for s in ("train", "val", "test") if s in manifest.by_split()]
-        if cfg.gate.evaluate_on not in splits:
-            raise ConfigError(
-                f"config key 'gate.evaluate_on' = {cfg.gate.evaluate_on!r}, but {manifest.path} has no such split; "
-                "add one, or evaluate on val (the split the configuration is chosen on: an optimistic figure)"
-            )
         # -- 2. backbones: the pretrained one and its random-init copy -------------------------------------------
         pretrained, random_copy, status = build_backbone_pair(
             cfg.backbone,
@@ -802,35 +563,14 @@ def main(cfg: ProbeConfig) -> ProbeResult:
             run_logger.log_artifact(status["checkpoint"], "backbone")
 
         # -- 3. frozen tokens, once per backbone and split (cached on disk, keyed on the weights) -----------------
-        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
-        features = FrozenFeatures(
-            tokens={
-                name: {
-                    s: cached_tokens(
-                        backbone,
-                        clips[s],
-                        key_parts={
-                            "backbone": backbone.fingerprint(),
-                            "image_size": backbone.image_size,
-                            "mean": backbone.mean,
-                            "std": backbone.std,
-                            "clip_frames": cfg.data.clip_frames,
-                            "manifest": manifest.manifest_hash(s),
-                            "input_mask": [cfg.data.input_mask_ratio, cfg.data.input_mask_seed] if masked else None,
-                        },
-                        cache_dir=cache_dir,
-                        accelerator=accelerator,
-                        batch_size=64,
-                    )[0]
-                    for s in splits
-                }
-                for name, backbone in (("pretrained", pretrained), ("random", random_copy))
-            },
-            labels={s: torch.as_tensor(manifest.label_matrix(s), dtype=torch.float32) for s in splits},
-            visible={s: torch.stack([clips[s].visible(c.sample_id) for c in manifest.split(s)]) for s in splits}
-            if masked
-            else {},
-            prefix=pretrained.prefix_token_mask(),
+        features = extract_frozen_features(
+            {"pretrained": pretrained, "random": random_copy},
+            clips,
+            manifest,
+            clip_frames=cfg.data.clip_frames,
+            input_mask=(cfg.data.input_mask_ratio, cfg.data.input_mask_seed) if masked else None,
+            cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
+            accelerator=accelerator,
         )
         subsets_by_seed = {
             seed: {
@@ -841,7 +581,17 @@ def main(cfg: ProbeConfig) -> ProbeResult:
             for seed in cfg.grid.seeds
         }
 
-        def train(backbone, pooling, optimizer_name, seed, subsets, train_cfg, log, where, train_labels=None):
+        def train(
+            backbone: str,
+            pooling: str,
+            optimizer_name: str,
+            seed: int,
+            subsets: dict[str, np.ndarray],
+            train_cfg: TrainConfig,
+            log: RunLogger,
+            where: str,
+            train_labels: np.ndarray | None = None,
+        ) -> ProbeFit:
             labels = features.targets(subsets)
             if train_labels is not None:
                 labels["train"] = torch.as_tensor(train_labels, dtype=torch.float32)
@@ -850,9 +600,11 @@ def main(cfg: ProbeConfig) -> ProbeResult:
                 labels=labels,
                 pooling=pooling,
                 optimizer_name=optimizer_name,
+                lr=train_cfg.lr if optimizer_name == "adamw" else cfg.grid.sgd_lr,
+                momentum=cfg.grid.sgd_momentum,
+                attentive_heads=cfg.grid.attentive_heads,
                 seed=seed,
                 train_cfg=train_cfg,
-                grid=cfg.grid,
                 accelerator=accelerator,
                 run_logger=log,
                 checkpoint_dir=out / "probes" / where,
@@ -908,8 +660,8 @@ def main(cfg: ProbeConfig) -> ProbeResult:
                     )
                     for name in BACKBONES
                 }
-                cell = _cell_result(pooling, optimizer_name, seed, fits)
-                child.log_metrics(_cell_metrics(cell), step=0)
+                cell = cell_result(pooling, optimizer_name, seed, fits)
+                child.log_metrics(cell_metrics(cell), step=0)
             cells.append(cell)
             logger.info(
                 "%s: val mAP pretrained %.4f, random %.4f, delta %+.4f", where, cell.pre_val, cell.rand_val,
@@ -953,31 +705,8 @@ def main(cfg: ProbeConfig) -> ProbeResult:
         run_logger.log_artifact(out / "probe_report.md", "report")
         run_logger.log_artifact(out / "probe_report.json", "report")
         run_logger.log_figure(plots.probe_cells(report.ablation), "plots/probe_cells.png")
-        verdict = "PASS" if decision.passed else "FAIL"
-        run_logger.log_metrics(
-            {
-                "gate/passed": float(decision.passed),
-                "gate/delta_mean": decision.delta_mean,
-                "gate/delta_std": decision.delta_std,
-                "gate/pre_mean": decision.pre_mean,
-                "gate/rand_mean": decision.rand_mean,
-                "gate/required_delta": decision.required_delta,
-            },
-            step=0,
-        )
-        evidence = {
-            "gate": verdict,
-            "gate.pooling": decision.gate_pooling,
-            "gate.optimizer": decision.gate_optimizer,
-            "gate.evaluated_on": decision.evaluated_on,
-            "gate.seeds": ",".join(map(str, decision.seeds)),
-            "gate.delta_mean": repr(decision.delta_mean),
-            "gate.delta_std": repr(decision.delta_std),
-            "gate.pre_mean": repr(decision.pre_mean),
-            "gate.rand_mean": repr(decision.rand_mean),
-            "gate.required_delta": repr(decision.required_delta),
-            "gate.reasoning": "\n".join(decision.reasons)[:_MAX_TAG],
-        }
+        run_logger.log_metrics(gate_metrics(decision), step=0)
+        evidence = evidence_tags(decision)
         run_logger.set_tags(evidence)
 
         # -- 7. registry: on PASS only, the probed backbone's reference with the evidence --------------------------
@@ -1003,7 +732,7 @@ def main(cfg: ProbeConfig) -> ProbeResult:
             )
             result.model_version = str(version.version)
             run_logger.set_tags({"registered_version": result.model_version})
-        logger.info("probe gate %s: %s", verdict, decision.reasons[-2])
+        logger.info("probe gate %s: %s", evidence["gate"], decision.reasons[-2])
         return result
 
 
@@ -1021,39 +750,6 @@ def _dataset_card(manifest: ClipManifest, name: str, splits: list[str]) -> dict[
             for s in splits
         },
     }
-
-
-def _cell_result(pooling: str, optimizer_name: str, seed: int, fits: dict[str, ProbeFit]) -> CellResult:
-    def split_map(name: str, split: str) -> float | None:
-        fitted = fits[name]
-        return mean_average_precision(fitted.targets[split], fitted.scores[split]) if split in fitted.scores else None
-
-    return CellResult(
-        pooling=pooling,
-        optimizer=optimizer_name,
-        seed=seed,
-        pre_val=split_map("pretrained", "val"),
-        rand_val=split_map("random", "val"),
-        pre_test=split_map("pretrained", "test"),
-        rand_test=split_map("random", "test"),
-        pre_best_f1=best_f1(fits["pretrained"].targets["val"], fits["pretrained"].scores["val"]),
-        rand_best_f1=best_f1(fits["random"].targets["val"], fits["random"].scores["val"]),
-    )
-
-
-def _cell_metrics(cell: CellResult) -> dict[str, float]:
-    metrics = {
-        "pre_val_mAP": cell.pre_val,
-        "rand_val_mAP": cell.rand_val,
-        "delta_val_mAP": cell.pre_val - cell.rand_val,
-        "pre_val_best_F1": cell.pre_best_f1,
-        "rand_val_best_F1": cell.rand_best_f1,
-    }
-    if cell.pre_test is not None and cell.rand_test is not None:
-        metrics.update(
-            pre_test_mAP=cell.pre_test, rand_test_mAP=cell.rand_test, delta_test_mAP=cell.pre_test - cell.rand_test
-        )
-    return metrics
 
 
 def probe_summary(cfg: ProbeConfig, result: ProbeResult) -> list[str]:

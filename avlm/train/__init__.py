@@ -7,7 +7,16 @@ from avlm.train.checkpoint import (
     restore_optimization,
     save_checkpoint,
 )
-from avlm.train.lifecycle import load_best_on_every_rank, resolve_resume, resume_from
+from avlm.train.lifecycle import (
+    RecipeRun,
+    Registration,
+    Resume,
+    checkpoint_config_yaml,
+    ensure_writable,
+    load_best_on_every_rank,
+    open_run,
+    resume_from,
+)
 from avlm.train.loop import (
     StepOutput,
     TrainConfig,
@@ -33,7 +42,12 @@ __all__ = [
     "make_accelerator",
     "optimizer_steps_per_epoch",
     "load_best_on_every_rank",
-    "resolve_resume",
+    "RecipeRun",
+    "Registration",
+    "Resume",
+    "checkpoint_config_yaml",
+    "ensure_writable",
+    "open_run",
     "resume_from",
     "restore_optimization",
     "save_checkpoint",

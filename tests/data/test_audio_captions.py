@@ -6,6 +6,7 @@ import csv
 import hashlib
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -326,21 +327,28 @@ def test_dataset_views_and_collate(clotho: Path) -> None:
         AudioCaptionDataset(records, 8000, 1200, view="captions")
 
 
-def test_hashes_are_stable_and_sensitive() -> None:
+def test_hashes_are_stable_and_sensitive(tmp_path: Path, file_record: Path) -> None:
+    write_sine(tmp_path / "x" / "a.wav", frequency=440.0)
+    write_sine(tmp_path / "x" / "b.wav", frequency=220.0)
+    shutil.copytree(tmp_path / "x", tmp_path / "elsewhere")
     records = [
-        AudioCaptionRecord("a", "/data/x/audio/a.wav", ("one dog", "two dogs"), "val"),
-        AudioCaptionRecord("b", "/data/x/audio/b.wav", ("rain",), "val"),
+        AudioCaptionRecord("a", str(tmp_path / "x" / "a.wav"), ("one dog", "two dogs"), "val"),
+        AudioCaptionRecord("b", str(tmp_path / "x" / "b.wav"), ("rain",), "val"),
     ]
     moved = [
-        AudioCaptionRecord(r.clip_id, "/elsewhere/" + Path(r.audio_path).name, r.captions, "test") for r in records
+        AudioCaptionRecord(r.clip_id, str(tmp_path / "elsewhere" / Path(r.audio_path).name), r.captions, "test")
+        for r in records
     ]
     assert audio_manifest_hash(records) == audio_manifest_hash(moved)
     assert caption_reference_hash(records) == caption_reference_hash(moved)
     assert len(audio_manifest_hash(records)) == 64
     assert audio_manifest_hash(records[:1]) != audio_manifest_hash(records)
     assert audio_manifest_hash(records[::-1]) != audio_manifest_hash(records)
-    edited = [records[0], AudioCaptionRecord("b", "/data/x/audio/b.wav", ("rain.",), "val")]
+    edited = [records[0], AudioCaptionRecord("b", records[1].audio_path, ("rain.",), "val")]
     assert audio_manifest_hash(edited) == audio_manifest_hash(records)
+    # Other audio under the same name changes it: a feature cache keyed on it cannot serve the old tokens.
+    write_sine(Path(moved[1].audio_path), seconds=0.2, frequency=330.0)
+    assert audio_manifest_hash(moved) != audio_manifest_hash(records)
     assert caption_reference_hash(edited) != caption_reference_hash(records)
     # Caption boundaries count: ("one dog", "two dogs") is not ("one dog two dogs",).
     joined = [AudioCaptionRecord("a", "/data/x/audio/a.wav", ("one dog two dogs",), "val"), records[1]]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +15,7 @@ from PIL import Image
 
 from avlm.data import ClipDataset, ClipRecord, label_checksum, load_frame, manifest_hash
 from avlm.errors import DataError
+from avlm.probe import sanity
 
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.2, 0.25, 0.5)
@@ -104,11 +108,11 @@ def test_unreadable_frames_raise_data_error_naming_them(tmp_path: Path) -> None:
         ClipDataset([record], image_size=32, mean=MEAN, std=STD)[0]
 
 
-def test_manifest_hash_is_stable_machine_independent_and_sensitive(tmp_path: Path) -> None:
+def test_manifest_hash_follows_frame_content_not_folder(tmp_path: Path, file_record: Path) -> None:
     (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     records = make_records(tmp_path / "a")
-    moved = make_records(tmp_path / "b")  # same names, other absolute paths
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    moved = [replace(r, frame_paths=tuple(str(tmp_path / "b" / Path(p).name) for p in r.frame_paths)) for r in records]
     digest = manifest_hash(records)
     assert len(digest) == 64 and digest == manifest_hash(list(records)) == manifest_hash(moved)
     assert manifest_hash(records[::-1]) != digest
@@ -120,16 +124,31 @@ def test_manifest_hash_is_stable_machine_independent_and_sensitive(tmp_path: Pat
     # Labels are not part of the manifest; label_checksum covers them.
     relabelled = replace(records[0], labels=(1, 1, 1))
     assert manifest_hash([relabelled, *records[1:]]) == digest
+    # Another image under the same name changes it: a feature cache keyed on it cannot serve the old tokens.
+    noise = np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(moved[1].frame_paths[0])
+    assert Path(moved[1].frame_paths[0]).stat().st_size != Path(records[1].frame_paths[0]).stat().st_size
+    assert manifest_hash(moved) != digest
+    Path(moved[2].frame_paths[1]).unlink()
+    with pytest.raises(DataError, match=re.escape(f"{moved[2].frame_paths[1]}: cannot be read")):
+        manifest_hash(moved)
 
 
-def test_label_checksum_accepts_records_or_matrix(tmp_path: Path) -> None:
+def test_label_checksum_is_sha256_of_shape_and_canonical_float32_values(tmp_path: Path) -> None:
     records = make_records(tmp_path)
     matrix = np.array([r.labels for r in records])
     digest = label_checksum(records)
-    assert digest == label_checksum(matrix) == label_checksum(matrix.astype(bool)) == label_checksum(matrix * 1.0)
+    assert digest == hashlib.sha256(b"(3, 3)" + matrix.astype("<f4").tobytes()).hexdigest()
+    # Records, int, bool and float matrices, a list, a tensor and a strided view of the same values hash equal.
+    wide = np.repeat(matrix, 2, axis=1)[:, ::2]
+    for same in (matrix, matrix.astype(bool), matrix * 1.0, matrix.tolist(), torch.tensor(matrix), wide):
+        assert label_checksum(same) == digest
+    assert label_checksum(np.array([[-0.0, 1.0]])) == label_checksum(np.array([[0.0, 1.0]]))
     flipped = matrix.copy()
     flipped[1, 2] = 0
-    assert label_checksum(flipped) != digest
-    assert label_checksum(matrix[:2]) != digest
-    with pytest.raises(ValueError, match="integral"):
-        label_checksum(matrix * 0.5)
+    for other in (flipped, matrix[:2], matrix[[1, 0, 2]], matrix.reshape(1, 9)):
+        assert label_checksum(other) != digest
+
+
+def test_the_probe_sanity_checks_use_the_one_label_checksum() -> None:
+    assert sanity.label_checksum is label_checksum

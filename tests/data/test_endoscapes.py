@@ -180,3 +180,20 @@ def test_malformed_vids_file(dataset: Path) -> None:
     (dataset / "test_vids.txt").write_text("162\nvideo163\n")
     with pytest.raises(DataError, match=r"test_vids\.txt, line 2: expected a video id, got 'video163'"):
         load_endoscapes(dataset)
+
+
+def test_a_corrupt_frame_is_named_with_its_clip_and_sound_frames_are_decoded_once(
+    dataset: Path, decoded: list[bytes]
+) -> None:
+    load_endoscapes(dataset)
+    assert len(decoded) == 11  # the distinct frames of the 5 clips (the context frame 1_175 does not exist)
+    load_endoscapes(dataset)
+    assert len(decoded) == 11  # unchanged files are not decoded again
+    frame = (dataset / "train" / "3_75.jpg").resolve()
+    frame.write_bytes(frame.read_bytes()[:-60])  # a copy cut short: the name and the header are still there
+    with pytest.raises(DataError) as error:
+        load_endoscapes(dataset)
+    message = str(error.value)
+    assert message.startswith(f"Endoscapes data {dataset.resolve()}: 1 of 11 frame files cannot be decoded")
+    assert f"{frame} (used by train clip 3_100): does not decode" in message
+    assert len(decoded) == 12  # only the changed file was read

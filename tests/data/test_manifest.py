@@ -369,6 +369,17 @@ def test_missing_frames_are_counted_and_the_first_named(dataset_dir: Path) -> No
     assert "folder 'frames/empty' holds no image files" in message
 
 
+def test_a_frame_that_does_not_decode_is_named_with_its_line_and_clip(dataset_dir: Path, file_record: Path) -> None:
+    path = csv_with_label_columns(dataset_dir / "m.csv", frames="list")
+    frame = dataset_dir / "frames" / "c" / "00002.png"
+    frame.write_bytes(frame.read_bytes()[:-28])  # into the image data: a shorter cut only loses the end marker
+    with pytest.raises(DataError) as error:
+        load_clip_manifest(path)
+    message = str(error.value)
+    assert message.startswith(f"clip manifest {path}: 1 of 15 frame files cannot be decoded")
+    assert f"{frame} (used by line 4 (sample_id 'c', split 'train')): does not decode" in message
+
+
 def test_empty_splits_are_refused_where_required(dataset_dir: Path) -> None:
     rows = [row for row in GOOD_ROWS if row[1] == "train"]
     path = write_csv(dataset_dir / "m.csv", HEADER, rows)

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -135,6 +136,20 @@ def test_missing_and_unreadable_clips_are_named_and_skipped(
     assert "c07" in [r.clip_id for r in unverified]
 
 
+def test_truncated_frames_skip_their_clip_and_are_decoded_once(
+    dataset_root: Path, decoded: list[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = dataset_root / "frames" / "c04" / "00003.jpg"  # kept: frames 0, 3, 6 and 9 of 10
+    frame.write_bytes(frame.read_bytes()[:-40])
+    with caplog.at_level(logging.WARNING, logger="avlm.data.video_captions"):
+        records = load_video_captions(dataset_root, splits="train", clip_frames=4)["train"]
+    assert "c04" not in [r.clip_id for r in records] and len(records) == 9
+    assert re.search(r"c04 \(unreadable frame 00003.jpg: does not decode: [^)]*truncated", caplog.text, re.IGNORECASE)
+    assert len(decoded) == 40  # every kept frame of the 10 clips, once
+    assert len(load_video_captions(dataset_root, splits="train", clip_frames=4)["train"]) == 9
+    assert len(decoded) == 41  # the second pass decodes only the bad frame, which is never recorded as good
+
+
 def test_too_many_missing_clips_name_the_folder(dataset_root: Path) -> None:
     frames = dataset_root / "frames"
     for clip_id in ("c01", "c05"):
@@ -241,14 +256,25 @@ def test_collate_stacks_frames_and_keeps_caption_lists(dataset_root: Path) -> No
     assert batch["index"].tolist() == [0, 1, 2] and batch["index"].dtype == torch.long
 
 
-def test_hashes_are_stable_and_sensitive(dataset_root: Path) -> None:
+def test_hashes_are_stable_and_sensitive(dataset_root: Path, tmp_path: Path, file_record: Path) -> None:
     records = load_video_captions(dataset_root, splits="train", clip_frames=4)["train"]
+    shutil.copytree(dataset_root / "frames", tmp_path / "elsewhere")
     moved = [
-        VideoCaptionRecord(r.clip_id, tuple("/elsewhere/" + Path(p).name for p in r.frame_paths), r.captions, "x")
+        VideoCaptionRecord(
+            r.clip_id,
+            tuple(str(tmp_path / "elsewhere" / r.clip_id / Path(p).name) for p in r.frame_paths),
+            r.captions,
+            "x",
+        )
         for r in records
     ]
     assert video_manifest_hash(records) == video_manifest_hash(moved)
     assert len(video_manifest_hash(records)) == 64
+    # Another image under the same name changes it.
+    noise = np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(moved[3].frame_paths[1], format="JPEG")
+    assert Path(moved[3].frame_paths[1]).stat().st_size != Path(records[3].frame_paths[1]).stat().st_size
+    assert video_manifest_hash(moved) != video_manifest_hash(records)
     assert video_manifest_hash(records[:-1]) != video_manifest_hash(records)
     other_frames = load_video_captions(dataset_root, splits="train", clip_frames=3)["train"]
     assert video_manifest_hash(other_frames) != video_manifest_hash(records)

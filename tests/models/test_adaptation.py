@@ -205,16 +205,26 @@ def test_load_trainable_state_dict_names_missing_unexpected_and_misshapen_keys()
     assert torch.equal(model.backbone.model.encoder.layernorm.bias, torch.ones(48))
 
 
+def cvs_parts(model):
+    return [("head", model.head, 1e-3), ("backbone", model.backbone, 1e-5)]
+
+
+def test_parameter_groups_refuse_a_trainable_parameter_outside_every_part():
+    model = make_classifier()
+    with pytest.raises(ValueError, match="in none of the parts"):
+        parameter_groups(model, [("head", model.head, 1e-3)], weight_decay=0.05)
+
+
 def test_parameter_groups_split_decay_and_cover_each_trainable_parameter_once():
     model = make_classifier()
-    assert [g["name"] for g in parameter_groups(model, head_lr=1e-3, backbone_lr=1e-5, weight_decay=0.05)] == [
+    assert [g["name"] for g in parameter_groups(model, cvs_parts(model), weight_decay=0.05)] == [
         "head",
         "head_no_decay",
         "backbone",
         "backbone_no_decay",
     ]
     apply_adaptation(model, "frozen")
-    groups = parameter_groups(model, head_lr=1e-3, backbone_lr=1e-5, weight_decay=0.05)
+    groups = parameter_groups(model, cvs_parts(model), weight_decay=0.05)
     assert [g["name"] for g in groups] == ["head", "head_no_decay"]
     by_name = {g["name"]: g for g in groups}
     names = {id(p): n for n, p in model.head.named_parameters()}
@@ -232,13 +242,13 @@ def test_parameter_groups_split_decay_and_cover_each_trainable_parameter_once():
 
     lora = make_classifier()
     apply_adaptation(lora, "lora", lora_r=4)
-    groups = parameter_groups(lora, head_lr=1e-3, backbone_lr=1e-5, weight_decay=0.05)
+    groups = parameter_groups(lora, cvs_parts(lora), weight_decay=0.05)
     assert [g["name"] for g in groups] == ["head", "head_no_decay", "backbone"]
     assert groups[2]["lr"] == 1e-5 and len(groups[2]["params"]) == 12  # A and B of 6 projections
 
     unfrozen = make_classifier()
     apply_adaptation(unfrozen, "unfreeze", unfreeze_last_n=1)
-    groups = parameter_groups(unfrozen, head_lr=1e-3, backbone_lr=1e-5, weight_decay=0.05)
+    groups = parameter_groups(unfrozen, cvs_parts(unfrozen), weight_decay=0.05)
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in unfrozen.parameters() if p.requires_grad)
     backbone_no_decay = next(g for g in groups if g["name"] == "backbone_no_decay")["params"]

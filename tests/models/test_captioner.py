@@ -16,12 +16,12 @@ from avlm.models import (
     build_captioner,
     build_causal_lm,
     build_source_encoder,
-    caption_parameter_groups,
     count_parameters,
     encode_captions,
     find_decoder_layers,
     load_caption_tokenizer,
     load_trainable_state_dict,
+    parameter_groups,
     params_ratio,
     trainable_state_dict,
 )
@@ -309,12 +309,12 @@ def test_only_the_modes_parameters_train(tokenizer, fusion):
     if fusion in ("additive", "cross_attention", "concat"):
         assert lm_trainable == set()
         assert names == projector | {f"fusion.{n}" for n, _ in captioner.fusion.named_parameters()}
-        assert sorted(captioner.gate_magnitudes()) == ([] if fusion == "concat" else [1, 3])
+        assert sorted(captioner.fusion_gate_magnitudes()) == ([] if fusion == "concat" else [1, 3])
     elif fusion == "partial_unfreeze":
         assert lm_trainable and all(n.startswith(("transformer.h.2.", "transformer.h.3.")) for n in lm_trainable)
         assert len(lm_trainable) == 2 * len(list(captioner.lm.transformer.h[0].parameters()))
     else:
-        assert captioner.fusion is None and captioner.gate_magnitudes() == {}
+        assert captioner.fusion is None and captioner.fusion_gate_magnitudes() == {}
         assert lm_trainable and all(".lora_A." in n or ".lora_B." in n for n in lm_trainable)
         assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lm_trainable} == {"c_attn"}
     counts = captioner.parameter_counts()
@@ -386,7 +386,7 @@ def test_contrastive_loss_is_finite_depends_on_the_source_and_enters_the_loss(to
     second = captioner(waveforms(seed=1), **batch)
     assert first.contrastive_loss.isfinite() and second.contrastive_loss.isfinite()
     assert first.contrastive_loss.item() != pytest.approx(second.contrastive_loss.item(), abs=1e-4)
-    torch.testing.assert_close(first.loss, first.xe_loss + first.gate_penalty + 0.5 * first.contrastive_loss)
+    torch.testing.assert_close(first.loss, first.xe_loss + first.fusion_gate_penalty + 0.5 * first.contrastive_loss)
     first.loss.backward()
     assert captioner.projector.queries.grad.abs().sum() > 0
     single = captioner(waveforms(batch=1), **{k: v[:1] for k, v in batch.items()})
@@ -396,16 +396,16 @@ def test_contrastive_loss_is_finite_depends_on_the_source_and_enters_the_loss(to
 
 
 def test_gate_magnitudes_and_penalty(tokenizer):
-    additive = make_captioner(tokenizer, fusion_layers=[3, 0], gate_init=0.05, gate_l2=1e-4)
-    magnitudes = additive.gate_magnitudes()
+    additive = make_captioner(tokenizer, fusion_layers=[3, 0], fusion_gate_init=0.05, fusion_gate_l2=1e-4)
+    magnitudes = additive.fusion_gate_magnitudes()
     assert sorted(magnitudes) == [0, 3] and all(m == pytest.approx(0.05) for m in magnitudes.values())
-    torch.testing.assert_close(additive.gate_penalty(), torch.tensor(1e-4 * 2 * 0.05**2))
+    torch.testing.assert_close(additive.fusion_gate_penalty(), torch.tensor(1e-4 * 2 * 0.05**2))
     with torch.no_grad():
         additive.fusion.blocks["3"].alpha.fill_(-0.5)
-    assert additive.gate_magnitudes()[3] == pytest.approx(0.5)
+    assert additive.fusion_gate_magnitudes()[3] == pytest.approx(0.5)
     cross = make_captioner(tokenizer, "cross_attention")
-    assert cross.gate_magnitudes() == {1: 0.0, 3: 0.0} and cross.gate_penalty().item() == 0.0
-    assert make_captioner(tokenizer, "concat").gate_magnitudes() == {}
+    assert cross.fusion_gate_magnitudes() == {1: 0.0, 3: 0.0} and cross.fusion_gate_penalty().item() == 0.0
+    assert make_captioner(tokenizer, "concat").fusion_gate_magnitudes() == {}
 
 
 # -- second modality, checkpoints, accounting ----------------------------------------------------------------------
@@ -419,7 +419,7 @@ def test_video_source_feeds_the_same_additive_fusion(tokenizer, batch):
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in captioner.fusion.parameters())
     assert all(p.grad is None for p in captioner.encoder.parameters())
-    assert sorted(captioner.gate_magnitudes()) == [1, 3]
+    assert sorted(captioner.fusion_gate_magnitudes()) == [1, 3]
     assert len(captioner.generate(frames, num_beams=2, max_new_tokens=4).texts) == 2
 
 
@@ -446,7 +446,9 @@ def test_params_ratio_and_parameter_groups(tokenizer):
     assert abs(ratio - 1) < 0.1
     with pytest.raises(ConfigError, match="reference parameter count"):
         params_ratio(10, 0)
-    groups = caption_parameter_groups(additive, projector_lr=2e-4, adapter_lr=1e-4, weight_decay=0.01)
+    groups = parameter_groups(
+        additive, [("projector", additive.projector, 2e-4), ("adapters", None, 1e-4)], weight_decay=0.01
+    )
     by_name = {g["name"]: g for g in groups}
     assert [g["name"] for g in groups] == ["projector", "projector_no_decay", "adapters", "adapters_no_decay"]
     assert sum(p.numel() for g in groups for p in g["params"]) == EXPECTED_TRAINABLE["additive"]
@@ -458,8 +460,10 @@ def test_params_ratio_and_parameter_groups(tokenizer):
 
 
 def test_model_config_loads_through_the_recipe_config_machinery():
-    cfg = config_from_dict(CaptionModelConfig, {"fusion": "concat", "fusion_layers": [12, 24], "gate_l2": "1e-4"})
-    assert (cfg.fusion, cfg.fusion_layers, cfg.gate_l2) == ("concat", [12, 24], 1e-4)
-    assert (cfg.audio_tokens, cfg.projector_width, cfg.gate_init) == (16, 768, 0.05)
+    cfg = config_from_dict(
+        CaptionModelConfig, {"fusion": "concat", "fusion_layers": [12, 24], "fusion_gate_l2": "1e-4"}
+    )
+    assert (cfg.fusion, cfg.fusion_layers, cfg.fusion_gate_l2) == ("concat", [12, 24], 1e-4)
+    assert (cfg.audio_tokens, cfg.projector_width, cfg.fusion_gate_init) == (16, 768, 0.05)
     with pytest.raises(ConfigError, match="unknown config key 'audio_token'"):
         config_from_dict(CaptionModelConfig, {"audio_token": 8})

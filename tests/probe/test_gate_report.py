@@ -17,7 +17,10 @@ from avlm.probe import (
     ProbeReport,
     SanityResult,
     ablation_table,
+    cell_metrics,
     decide,
+    evidence_tags,
+    gate_metrics,
     render_markdown,
     report_json,
     run_table,
@@ -144,6 +147,37 @@ def test_round_off_does_not_fail_a_delta_equal_to_the_requirement():
         for s in SEEDS
     ]
     assert decide(cells, CLEAN_SANITY, GateConfig(required_delta=0.01)).passed
+
+
+def test_evidence_tags_and_gate_metrics_read_back_the_decision_exactly():
+    decision = decide(make_cells([0.005, 0.03, 0.02], [0.01, 0.025, 0.0]), CLEAN_SANITY, GateConfig(evaluate_on="test"))
+    tags = evidence_tags(decision)
+    assert (tags["gate"], tags["gate.pooling"], tags["gate.optimizer"]) == ("PASS", "mean", "sgd")
+    assert tags["gate.evaluated_on"] == "test" and tags["gate.seeds"] == "1,2,3"
+    for key in ("delta_mean", "delta_std", "pre_mean", "rand_mean", "required_delta"):
+        assert float(tags[f"gate.{key}"]) == getattr(decision, key)  # repr strings: exact, not rounded
+    assert tags["gate.reasoning"] == "\n".join(decision.reasons)
+    assert gate_metrics(decision) == {
+        "gate/passed": 1.0,
+        "gate/delta_mean": decision.delta_mean,
+        "gate/delta_std": decision.delta_std,
+        "gate/pre_mean": decision.pre_mean,
+        "gate/rand_mean": decision.rand_mean,
+        "gate/required_delta": 0.01,
+    }
+    failed = decide(make_cells([0.0, 0.0, 0.0]), CLEAN_SANITY, GateConfig())
+    assert evidence_tags(failed)["gate"] == "FAIL" and gate_metrics(failed)["gate/passed"] == 0.0
+
+
+def test_cell_metrics_have_test_numbers_only_where_the_cell_has_them():
+    with_test, without_test = make_cells([0.02] * 3, [0.01] * 3)[0], make_cells([0.02] * 3)[0]
+    metrics = cell_metrics(with_test)
+    assert metrics["delta_val_mAP"] == with_test.pre_val - with_test.rand_val
+    assert metrics["delta_test_mAP"] == with_test.pre_test - with_test.rand_test
+    assert metrics["pre_val_best_F1"] == with_test.pre_best_f1 and metrics["rand_test_mAP"] == with_test.rand_test
+    assert set(cell_metrics(without_test)) == {
+        "pre_val_mAP", "rand_val_mAP", "delta_val_mAP", "pre_val_best_F1", "rand_val_best_F1",
+    }  # fmt: skip
 
 
 def test_selection_uses_val_even_when_test_would_pick_another_config():

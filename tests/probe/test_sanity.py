@@ -8,7 +8,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 
-from avlm.probe import label_checksum, label_provenance, shuffled_label_control, split_hygiene, tiny_subset_overfit
+from avlm.data import label_checksum
+from avlm.probe import label_provenance, shuffled_label_control, split_hygiene, tiny_subset_overfit
 
 
 def linear_probe_data(n=120, dim=4, classes=3, seed=0):
@@ -36,10 +37,10 @@ def linear_probe_train_map(features, calls):
     return train_fn
 
 
-def test_label_checksum_is_md5_of_shape_and_canonical_float32_bytes():
+def test_label_checksum_is_sha256_of_shape_and_canonical_float32_bytes():
     labels = np.array([[1, 0, 1], [0, 0, 1]])
-    expected = hashlib.md5(b"(2, 3)" + labels.astype(np.float32).tobytes()).hexdigest()
-    assert label_checksum(labels) == expected and len(expected) == 32
+    expected = hashlib.sha256(b"(2, 3)" + labels.astype("<f4").tobytes()).hexdigest()
+    assert label_checksum(labels) == expected and len(expected) == 64
     # bool, int, float64, a list and a CPU tensor of the same values hash equal
     for same in (labels.astype(bool), labels.astype(np.float64), labels.tolist(), torch.tensor(labels)):
         assert label_checksum(same) == expected

@@ -57,7 +57,7 @@ def test_run_logs_gates_scores_predictions_and_registers_without_spice(mlflow_st
     for key in ("val/CIDEr_D", "val/BLEU_4", "val/METEOR", "val/ROUGE_L", "val/xe_loss", "train/xe_loss"):
         assert len(client.get_metric_history(result.run_id, key)) == 2, key
     for layer in (1, 3):
-        gates = client.get_metric_history(result.run_id, f"gate/layer_{layer}")
+        gates = client.get_metric_history(result.run_id, f"fusion_gate/layer_{layer}")
         assert len(gates) == 2 and all(g.value > 0 for g in gates)
     assert logged.data.metrics["params/ratio_to_additive"] == pytest.approx(1.0)
     assert logged.data.metrics["params/trainable"] == result.parameter_counts["trainable"]
@@ -70,7 +70,7 @@ def test_run_logs_gates_scores_predictions_and_registers_without_spice(mlflow_st
         "predictions/val_predictions.json",
         "predictions/test_predictions.json",
         "plots/training_curves.png",
-        "plots/gate_magnitudes.png",
+        "plots/fusion_gate_magnitudes.png",
         "checkpoints/best/trainable.safetensors",
         "checkpoints/best/tokenizer/tokenizer.json",
     ):
@@ -105,7 +105,7 @@ def test_phase0_overfitting_a_small_subset_drives_loss_down_and_cider_up(mlflow_
         "train.batch_size=8",
         "train.epochs=25",
         "train.patience=0",
-        "model.gate_init=0.2",
+        "model.fusion_gate_init=0.2",
         "decoding.num_beams=1",
         "decoding.max_new_tokens=20",
         "registry.register=false",
@@ -113,7 +113,7 @@ def test_phase0_overfitting_a_small_subset_drives_loss_down_and_cider_up(mlflow_
     history = result.state.history
     assert history[-1]["train/xe_loss"] < 0.6 * history[0]["train/xe_loss"]
     assert history[0]["val/CIDEr_D"] < 0.1 and result.state.best_value > max(0.3, 4 * history[0]["val/CIDEr_D"])
-    assert max(history[-1][f"gate/layer_{layer}"] for layer in (1, 3)) > 0.3  # the gates opened
+    assert max(history[-1][f"fusion_gate/layer_{layer}"] for layer in (1, 3)) > 0.3  # the gates opened
 
 
 @pytest.mark.parametrize("fusion", ["cross_attention", "partial_unfreeze", "data_only"])
@@ -138,6 +138,9 @@ def test_bad_caption_input_is_named(mlflow_store):
         run("model.encoder=vjepa2-tiny")
     with pytest.raises(ConfigError, match="effective_batch"):
         caption.load_caption_config(None, ["effective_batch=20", "train.batch_size=16"])
+    # bad data and a mismatched encoder fail before an MLflow run exists
+    client = MlflowClient()
+    assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
 
 
 def test_video_source_is_one_config_switch_and_its_model_captions_frames(mlflow_store, no_corenlp):
@@ -147,7 +150,7 @@ def test_video_source_is_one_config_switch_and_its_model_captions_frames(mlflow_
     logged = client.get_run(result.run_id)
     card = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/run_card.json"))
     assert card["dataset"]["modality"] == "video" and card["dataset"]["preprocessing"]["clip_frames"] == 4
-    assert len(client.get_metric_history(result.run_id, "gate/layer_3")) == 2
+    assert len(client.get_metric_history(result.run_id, "fusion_gate/layer_3")) == 2
     assert "val/CIDEr_D" in logged.data.metrics and result.parameter_counts["trainable/lm"] == 0
     model = mlflow.pyfunc.load_model("models:/avlm-caption-video@candidate")
     demo_root = next(Path(caption.default_cache_dir()).glob("video_caption_demo_*"))

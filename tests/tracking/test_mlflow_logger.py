@@ -82,3 +82,58 @@ def test_nested_runs_sit_under_their_parent_and_end_failed_on_an_error(mlflow_st
     assert (point.value, point.step) == (0.5, 3)
     assert children["child-bad"].info.status == "FAILED" and children["child-bad"].data.metrics["loss"] == 1.0
     assert client.get_run(parent.run_id).info.status == "FINISHED"
+
+
+def test_a_resumed_run_logs_each_step_once(mlflow_store, tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    log_batch = MlflowClient.log_batch
+
+    def unreachable(self, *args, **kwargs):
+        raise MlflowException("API request to http://127.0.0.1:1 failed with exception ConnectionError")
+
+    cfg = TrackingConfig(system_metrics=False, flush_every_s=60, close_timeout_s=0.5)
+    with pytest.raises(RuntimeError, match="crash"):
+        with tracked_run(cfg, recipe="t", run_name="r", is_main_process=True, run_dir=lambda _: tmp_path) as first:
+            for step in range(1, 11):
+                first.log_metrics({"train/step_loss": 1.0 / step}, step=step)
+                if step == 2:
+                    first.flush()  # steps 1, 2 landed; then the server went away ...
+                    monkeypatch.setattr(MlflowClient, "log_batch", unreachable)
+            raise RuntimeError("crash")  # ... so 3..10 wait in the run folder (the last checkpoint was at step 5)
+    assert (tmp_path / "tracking" / "outbox.jsonl").exists()
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    with tracked_run(
+        cfg, recipe="t", run_name="r", is_main_process=True, resume_run_id=first.run_id, run_dir=lambda _: tmp_path
+    ) as resumed:
+        for step in range(6, 16):  # the resumed run replays the epoch after the checkpoint
+            resumed.log_metrics({"train/step_loss": 1.0 / step}, step=step)
+    history = MlflowClient().get_metric_history(first.run_id, "train/step_loss")
+    assert sorted(m.step for m in history) == list(range(1, 16))
+    assert MlflowClient().get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_a_failing_end_run_leaves_the_status_for_replay(mlflow_store, tmp_path, monkeypatch, caplog):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from avlm.__main__ import main as avlm_main
+
+    set_terminated = MlflowClient.set_terminated
+
+    def unreachable(self, run_id, status=None, end_time=None):
+        raise MlflowException("API request to http://127.0.0.1:1 failed with exception ConnectionError")
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", unreachable)
+    cfg = TrackingConfig(system_metrics=False, close_timeout_s=0.5)
+    with tracked_run(cfg, recipe="t", run_name="r", is_main_process=True, run_dir=lambda _: tmp_path) as run_logger:
+        run_logger.log_metrics({"x": 1.0}, step=1)
+    assert "final status FINISHED" in caplog.text and str(tmp_path / "tracking" / "outbox.jsonl") in caplog.text
+    assert MlflowClient().get_run(run_logger.run_id).info.status == "RUNNING"
+    assert mlflow.active_run() is None  # the fluent run was left, so the next training can start one
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", set_terminated)
+    assert avlm_main(["tracking", "replay", str(tmp_path)]) == 0
+    run = MlflowClient().get_run(run_logger.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"x": 1.0}
+    assert not (tmp_path / "tracking" / "outbox.jsonl").exists()

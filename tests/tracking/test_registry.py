@@ -1,14 +1,22 @@
+import os
+import threading
 import warnings
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from postgres import postgres_fixture, registry_store_fixture  # noqa: F401  (sqlite and PostgreSQL stores)
 
+from avlm.errors import ConfigError, TrainingError
 from avlm.tracking.registry import (
     METRIC_VALUE_TAG,
     RegistryConfig,
+    _registered_model_lock,
     current_champion,
     promote_if_better,
+    promotion_lock,
     register_reference,
 )
 
@@ -35,7 +43,7 @@ def stage(name, version):
         return MlflowClient().get_model_version(name, version).current_stage
 
 
-def test_promotion_gate_with_margin_keeps_an_audit_trail(mlflow_store):
+def test_promotion_gate_with_margin_keeps_an_audit_trail(registry_store):
     cfg = RegistryConfig(name="gate-test", promote_metric="val/mAP", promote_margin=0.01)
     client = MlflowClient()
 
@@ -68,7 +76,7 @@ def test_promotion_gate_with_margin_keeps_an_audit_trail(mlflow_store):
     assert client.get_model_version(cfg.name, v4).tags["promotion.decision"] == "promoted"
 
 
-def test_min_mode_prefers_lower_values(mlflow_store):
+def test_min_mode_prefers_lower_values(registry_store):
     cfg = RegistryConfig(name="loss-gate", promote_metric="val/loss", promote_mode="min")
     v1, _ = add_version(cfg.name, 0.30)
     promote_if_better(cfg, v1)
@@ -77,13 +85,11 @@ def test_min_mode_prefers_lower_values(mlflow_store):
 
 
 def test_negative_margin_is_refused():
-    from avlm.errors import ConfigError
-
     with pytest.raises(ConfigError, match="registry.promote_margin"):
         RegistryConfig(promote_margin=-0.1)
 
 
-def test_register_reference_points_at_external_weights_and_moves_its_alias(mlflow_store):
+def test_register_reference_points_at_external_weights_and_moves_its_alias(registry_store):
     with mlflow.start_run() as run:
         pass
     first = register_reference(
@@ -102,3 +108,53 @@ def test_register_reference_points_at_external_weights_and_moves_its_alias(mlflo
     assert first.source == "/ckpts/ssl_step6000.safetensors" and first.tags == {"gate": "PASS"}
     assert first.description == "delta 0.03" and first.run_id == run.info.run_id
     assert str(client.get_model_version_by_alias("probe-ref", "probe-pass").version) == str(second.version)
+
+
+def hold_and_contend(lock, contender):
+    """Enter ``lock``, run ``contender`` in another thread meanwhile; returns what the contender raised."""
+    raised = []
+
+    def contend():
+        try:
+            with contender():
+                pass
+        except Exception as e:  # handed back to the test
+            raised.append(e)
+
+    with lock:
+        thread = threading.Thread(target=contend)
+        thread.start()
+        thread.join(30)
+    return raised
+
+
+def test_a_held_promotion_lock_stops_the_next_promoter_with_a_clear_error(registry_store):
+    raised = hold_and_contend(promotion_lock("locked"), lambda: promotion_lock("locked", timeout_s=0.5))
+    assert len(raised) == 1 and isinstance(raised[0], TrainingError)
+    assert "still held after 0.5 s" in str(raised[0])
+    with promotion_lock("locked", timeout_s=5):  # released on exit
+        pass
+
+
+def test_registered_model_lock_for_http_servers_names_its_holder_and_leaves_nothing(registry_store):
+    """The lock used where the client cannot reach the database: a registered model created and deleted."""
+    raised = hold_and_contend(_registered_model_lock("m", 5), lambda: _registered_model_lock("m", 0.5))
+    assert len(raised) == 1 and isinstance(raised[0], TrainingError)
+    assert "'m.promotion-lock'" in str(raised[0]) and f"pid {os.getpid()}" in str(raised[0])
+    assert MlflowClient().search_registered_models() == []
+    with _registered_model_lock("m", 5):
+        assert [m.name for m in MlflowClient().search_registered_models()] == ["m.promotion-lock"]
+
+
+def test_a_failing_registry_read_is_not_taken_for_no_champion(mlflow_store, monkeypatch):
+    """Reading the champion fails for a reason other than "no champion": nothing may be promoted."""
+    cfg = RegistryConfig(name="flaky")
+    v1, _ = add_version(cfg.name, 0.5)
+
+    def store_down(self, name, alias):
+        raise MlflowException("database is locked", error_code=INTERNAL_ERROR)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", store_down)
+    with pytest.raises(MlflowException, match="database is locked"):
+        promote_if_better(cfg, v1)
+    assert "promotion.decision" not in MlflowClient().get_model_version(cfg.name, v1).tags
