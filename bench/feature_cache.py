@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from avlm.data import ClipDataset, EpochSampler, ensure_cvs_demo, load_endoscapes, manifest_hash  # noqa: E402
 from avlm.features import TokenDataset, cached_tokens, extract_tokens  # noqa: E402
 from avlm.losses import MultiLabelLoss  # noqa: E402
-from avlm.models import parameter_groups, trainable_state_dict  # noqa: E402
+from avlm.models import parameter_groups  # noqa: E402
 from avlm.recipes.cvs import CVSModelConfig, build_cvs_model, classification_metrics  # noqa: E402
 from avlm.tracking import NullLogger  # noqa: E402
 from avlm.train import (  # noqa: E402
@@ -145,7 +145,6 @@ class HeadTraining:
             run_logger=NullLogger(),
             checkpoint_dir=self.checkpoint_dir,
             config_yaml="bench: true\n",
-            trainable_state=lambda: trainable_state_dict(self.accelerator.unwrap_model(self.model)),
             state=self.state,
         )
         row = self.state.history[-1]

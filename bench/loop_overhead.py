@@ -18,9 +18,11 @@ opening the MLflow run are setup, reported once at the end):
   and ``lr`` every optimizer step, the epoch metrics every epoch), safetensors checkpoints (``best`` and ``last``)
   every epoch; timed until the logger's buffer is flushed, so the MLflow writes the background thread would
   otherwise do after the timer are counted.
-- ``avlm-no-ckpt``: the same without checkpoint writes (``save_checkpoint`` patched out).
-- ``avlm-bare``: neither MLflow nor checkpoints (a ``NullLogger``): what accelerate, the loss reduction, the
-  finite-loss check, gathering scores for the training mAP and the progress bar cost by themselves.
+- ``avlm-no-ckpt``: the same without checkpoint writes (``write_checkpoint`` patched out; the weights and optimizer
+  state are still gathered and copied every epoch).
+- ``avlm-bare``: neither MLflow nor checkpoints (a ``NullLogger``): what accelerate, keeping the step losses and
+  scores on the device (read back every ``train.sync_every_steps`` steps), the training mAP and the progress bar
+  cost by themselves.
 
 The variants run interleaved, in a rotated order each round, after a warm-up round that is not counted; the
 ratios are taken within a round (per-round and their median) and between the fastest times (min-based). fit's
@@ -54,7 +56,7 @@ import torch  # noqa: E402
 from avlm.features import TokenDataset  # noqa: E402
 from avlm.losses import MultiLabelLoss  # noqa: E402
 from avlm.metrics import mean_average_precision  # noqa: E402
-from avlm.models import ClassificationHead, trainable_state_dict  # noqa: E402
+from avlm.models import ClassificationHead  # noqa: E402
 from avlm.recipes.cvs import classification_metrics  # noqa: E402
 from avlm.tracking import NullLogger, TrackingConfig, tracked_run  # noqa: E402
 from avlm.train import (  # noqa: E402
@@ -169,7 +171,7 @@ def run_avlm(
         logits, _ = model(batch["tokens"])
         return StepOutput(loss_fn(logits, batch["labels"]), torch.sigmoid(logits), batch["labels"])
 
-    no_checkpoints = mock.patch("avlm.train.loop.save_checkpoint") if variant != "avlm" else contextlib.nullcontext()
+    no_checkpoints = mock.patch("avlm.train.loop.write_checkpoint") if variant != "avlm" else contextlib.nullcontext()
     with run_logger_for(variant, setup_s) as run_logger, no_checkpoints, tempfile.TemporaryDirectory(dir=workdir) as ck:
         start = time.perf_counter()
         fit(
@@ -186,7 +188,6 @@ def run_avlm(
             run_logger=run_logger,
             checkpoint_dir=ck,
             config_yaml="bench: true\n",
-            trainable_state=lambda: trainable_state_dict(accelerator.unwrap_model(model)),
         )
         run_logger.flush()  # the buffered metrics reach sqlite inside the timed span
         return time.perf_counter() - start

@@ -140,7 +140,6 @@ def train_probe(
         run_logger=run_logger,
         checkpoint_dir=checkpoint_dir,
         config_yaml=config_yaml,
-        trainable_state=lambda: {k: v.detach().cpu() for k, v in accelerator.unwrap_model(probe).state_dict().items()},
         verbose=False,
     )
     probe.eval()

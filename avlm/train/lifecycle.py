@@ -233,7 +233,6 @@ class RecipeRun:
             run_logger=self.logger,
             checkpoint_dir=self.checkpoint_dir,
             config_yaml=self.config_yaml,
-            trainable_state=lambda: _trainable_state(self.accelerator, model),
             state=state,
             on_checkpoint=upload,
         )
@@ -275,12 +274,6 @@ class RecipeRun:
             {"registered_version": version.version, "promotion": "promoted" if decision.promoted else "rejected"}
         )
         return Registration(version=str(version.version), promoted=decision.promoted)
-
-
-def _trainable_state(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from avlm.models import trainable_state_dict
-
-    return trainable_state_dict(accelerator.unwrap_model(model))
 
 
 def _seed_checkpoints(resume: Resume, checkpoint_dir: Path) -> None:

@@ -10,6 +10,7 @@ resumed from the checkpoint of epoch k replays epochs k+1… exactly as the unin
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -18,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import accelerate.optimizer
 import numpy as np
@@ -28,7 +29,17 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from avlm.errors import ConfigError, TrainingError
-from avlm.train.checkpoint import LoopState, save_checkpoint
+from avlm.train.checkpoint import (
+    RESUME_ONLY_FILES,
+    CheckpointFiles,
+    LoopState,
+    checkpoint_files,
+    gather_trainable_state,
+    write_checkpoint,
+)
+
+if TYPE_CHECKING:
+    from avlm.tracking.run_logger import RunLogger
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +70,10 @@ class TrainConfig:
         patience: epochs without improvement before stopping; 0 = never stop early.
         min_delta: improvement smaller than this does not count.
         num_workers: DataLoader worker processes.
+        sync_every_steps: optimizer steps between reads of the step losses from the device. They are logged and
+            checked for NaN/inf a window at a time (and at every epoch's end), so the host never waits for the
+            device inside a window; a non-finite loss stops the training up to this many steps after it appeared,
+            always before a checkpoint is written.
     """
 
     epochs: int = 8
@@ -76,9 +91,10 @@ class TrainConfig:
     patience: int = 3
     min_delta: float = 0.0
     num_workers: int = 0
+    sync_every_steps: int = 32
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "grad_accum_steps"):
+        for key in ("epochs", "batch_size", "grad_accum_steps", "sync_every_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "backbone_lr"):
@@ -159,6 +175,255 @@ def _set_epoch(loader: Any, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
 
 
+class _EpochTally:
+    """One epoch's losses, loss terms and scores, kept on the device and read back a window at a time.
+
+    Reading a value (``.item()``) makes the host wait for the device to finish the step; reading a window of
+    ``sync_every_steps`` optimizer steps in one transfer lets the host queue the next steps meanwhile.
+    """
+
+    def __init__(self, accelerator: Accelerator, epoch: int) -> None:
+        self.accelerator = accelerator
+        self.epoch = epoch
+        self.losses: list[float] = []  # every micro-batch's loss read back so far, averaged over processes
+        self.parts: dict[str, list[float]] = {}
+        self.scores: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.last_step_loss = self.last_lr = float("nan")  # what the progress bar shows
+        self._losses: list[torch.Tensor] = []  # the window not read back yet
+        self._parts: dict[str, list[torch.Tensor]] = {}
+        self._steps: list[int] = []  # optimizer step of each micro-batch in the window
+        self._step_ends: list[tuple[int, float]] = []  # (window index, lr) of the micro-batches that ended a step
+
+    def add(self, out: StepOutput, step: int, keep_scores: bool) -> None:
+        """Keep one micro-batch's outputs (no host sync); ``step`` is the optimizer step it belongs to."""
+        self._losses.append(out.loss.detach())
+        for name, value in out.parts.items():
+            self._parts.setdefault(name, []).append(value.detach())
+        self._steps.append(step)
+        if keep_scores:
+            self.scores.append(out.scores.detach())
+            self.targets.append(out.targets.detach())
+
+    def end_step(self, lr: float) -> None:
+        """The last micro-batch added ended an optimizer step taken at learning rate ``lr``."""
+        self._step_ends.append((len(self._losses) - 1, lr))
+
+    def read_back(self, run_logger: RunLogger) -> None:
+        """Read the window back in one transfer (one reduction across processes), log its step losses and ``lr``.
+
+        Raises:
+            TrainingError: a loss in the window is NaN or infinite (after logging the steps before it).
+        """
+        if not self._losses:
+            return
+        series = [self._losses, *self._parts.values()]
+        values = torch.cat([torch.stack(tensors) for tensors in series])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        host = values.tolist()
+        losses, offset = host[: len(self._losses)], len(self._losses)
+        for name, tensors in self._parts.items():
+            self.parts.setdefault(name, []).extend(host[offset : offset + len(tensors)])
+            offset += len(tensors)
+        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
+        for index, lr in self._step_ends:
+            if index >= bad:
+                break
+            run_logger.log_metrics({"train/step_loss": losses[index], "lr": lr}, step=self._steps[index])
+            self.last_step_loss, self.last_lr = losses[index], lr
+        if bad < len(losses):
+            raise self._non_finite(losses[bad], self._steps[bad])
+        self.losses.extend(losses)
+        self._losses, self._parts, self._steps, self._step_ends = [], {}, [], []
+
+    def raise_if_not_finite_locally(self, err: BaseException) -> None:
+        """Raise the NaN error if this process's window holds a non-finite loss: weights a NaN step wrote make
+        later steps fail in ways that say nothing of the cause. Local only: a collective here could hang."""
+        for loss, step in zip(torch.stack(self._losses).tolist() if self._losses else [], self._steps, strict=True):
+            if not math.isfinite(loss):
+                raise self._non_finite(loss, step) from err
+
+    def _non_finite(self, loss: float, step: int) -> TrainingError:
+        return TrainingError(
+            f"loss is {loss} at epoch {self.epoch + 1}, optimizer step {step} (losses are checked every "
+            "train.sync_every_steps steps, so the training stopped a few steps later, before any checkpoint): "
+            "lower train.lr, turn on train.max_grad_norm, or check the inputs for NaN"
+        )
+
+    def gathered_scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's scores and targets from every process, as float arrays (one gather per epoch).
+
+        The order is process-major, not batch-major as the loader yielded them: the training metrics (AP, means)
+        do not depend on the order of the samples.
+        """
+        scores, targets = torch.cat(self.scores), torch.cat(self.targets)
+        if self.accelerator.num_processes > 1:
+            # plain gather: training batches are whole (drop_last), nothing to trim
+            scores, targets = self.accelerator.gather((scores, targets))
+        return scores.float().cpu().numpy(), targets.float().cpu().numpy()
+
+
+class _CheckpointWriter:
+    """One background thread that writes the checkpoints, so the training does not wait for the disk.
+
+    A save waits for the previous one (checkpoints land in order and at most one snapshot waits in memory);
+    ``on_checkpoint`` runs on the writer thread once a folder is complete; an error in the writer is raised in
+    the training thread at its next sync point (:meth:`check`), save or :meth:`close`.
+    """
+
+    def __init__(self, checkpoint_dir: Path, on_checkpoint: Callable[[Path, str], None] | None) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.on_checkpoint = on_checkpoint
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="avlm-checkpoint")
+        self._pending: concurrent.futures.Future | None = None
+
+    def save(self, files: CheckpointFiles, with_best: bool) -> None:
+        """Queue ``last`` (and ``best`` first, sharing its files, when ``with_best``) after the previous save."""
+        self.wait()
+        self._pending = self._executor.submit(self._write, files, with_best)
+
+    def check(self) -> None:
+        """Raise the error of a save that has failed, without waiting for one still running."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Wait for the last save. With ``raise_errors=False`` (the training already failed) its error is logged,
+        so that it does not hide the training's own."""
+        try:
+            self.wait()
+        except Exception:
+            if raise_errors:
+                raise
+            logger.exception("writing the last checkpoint failed as well")
+        finally:
+            self._executor.shutdown()
+
+    def _write(self, files: CheckpointFiles, with_best: bool) -> None:
+        best = None
+        if with_best:  # the same epoch's best and last differ by the optimizer files only
+            best = self._write_one("best", {k: v for k, v in files.items() if k not in RESUME_ONLY_FILES}, None)
+            files = {k: v for k, v in files.items() if k in RESUME_ONLY_FILES}
+        self._write_one("last", files, best)
+
+    def _write_one(self, kind: str, files: CheckpointFiles, base: Path | None) -> Path:
+        directory = self.checkpoint_dir / kind
+        try:
+            path = write_checkpoint(directory, files, base=base)
+        except Exception as err:
+            raise TrainingError(f"writing the {kind} checkpoint {directory} failed: {err}") from err
+        if self.on_checkpoint:
+            try:
+                self.on_checkpoint(path, kind)
+            except Exception as err:
+                raise TrainingError(f"on_checkpoint({path}, {kind!r}) failed: {err}") from err
+        return path
+
+
+def _train_epoch(
+    *,
+    epoch: int,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_loader: torch.utils.data.DataLoader,
+    train_step: Callable[[torch.nn.Module, Any, torch.Generator], StepOutput],
+    train_metrics: Callable[[np.ndarray, np.ndarray], Mapping[str, float]] | None,
+    evaluate: Callable[[torch.nn.Module], Mapping[str, float]],
+    cfg: TrainConfig,
+    seed: int,
+    run_logger: RunLogger,
+    state: LoopState,
+    writer: _CheckpointWriter,
+    verbose: bool,
+) -> bool:
+    """Train, evaluate and log one epoch, updating ``state``; return whether the monitored metric improved."""
+    set_seed(epoch_seed(seed, epoch))
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch) + accelerator.process_index)
+    _set_epoch(train_loader, epoch)
+    model.train()
+    epoch_start = time.perf_counter()
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    tally = _EpochTally(accelerator, epoch)
+    progress = tqdm(
+        train_loader,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        disable=not (verbose and accelerator.is_local_main_process),
+        leave=False,
+    )
+    try:
+        for batch in progress:
+            with accelerator.accumulate(model):
+                out = train_step(model, batch, generator)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable_params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            tally.add(out, state.global_step + 1, keep_scores=train_metrics is not None)
+            if accelerator.sync_gradients:
+                state.global_step += 1
+                tally.end_step(scheduler.get_last_lr()[0])
+                if state.global_step % cfg.sync_every_steps == 0:
+                    tally.read_back(run_logger)
+                    writer.check()
+                    # redrawn at tqdm's pace, not on every call
+                    progress.set_postfix(loss=f"{tally.last_step_loss:.4f}", lr=f"{tally.last_lr:.2e}", refresh=False)
+    except TrainingError:
+        raise
+    except Exception as err:
+        tally.raise_if_not_finite_locally(err)
+        raise
+    tally.read_back(run_logger)  # before the evaluation and the checkpoint: NaN weights never reach a file
+    writer.check()
+    train_seconds = time.perf_counter() - epoch_start
+
+    model.eval()
+    val_metrics = dict(evaluate(model))
+    row: dict[str, float] = {"epoch": epoch + 1, "train/loss": float(np.mean(tally.losses))}
+    row.update({f"train/{name}": float(np.mean(values)) for name, values in tally.parts.items()})
+    if train_metrics is not None:
+        epoch_metrics = train_metrics(*tally.gathered_scores())
+        row.update({f"train/{k}": float(v) for k, v in epoch_metrics.items()})
+    row.update({k: float(v) for k, v in val_metrics.items()})
+    if "train/mAP" in row and "val/mAP" in row:
+        row["train_val_gap/mAP"] = row["train/mAP"] - row["val/mAP"]
+    row["lr"] = scheduler.get_last_lr()[0]
+    row["throughput/train_samples_per_s"] = len(train_loader.dataset) / max(train_seconds, 1e-9)
+    row["time/epoch_s"] = time.perf_counter() - epoch_start
+    if cfg.monitor not in row:
+        raise ConfigError(
+            f"config key 'train.monitor' = '{cfg.monitor}' is not a logged metric; choose one of {sorted(row)}"
+        )
+    state.history.append(row)
+    state.epoch = epoch + 1
+    improved = is_improvement(row[cfg.monitor], state.best_value, cfg.monitor_mode, cfg.min_delta)
+    if improved:
+        state.best_value, state.best_epoch, state.epochs_without_improvement = row[cfg.monitor], epoch + 1, 0
+    else:
+        state.epochs_without_improvement += 1
+    state.stopped_early = 0 < cfg.patience <= state.epochs_without_improvement and state.epoch < cfg.epochs
+    run_logger.log_metrics(
+        {**row, "best/" + cfg.monitor: state.best_value if state.best_value is not None else float("nan")},
+        step=state.global_step,
+    )
+    logger.log(
+        logging.INFO if verbose else logging.DEBUG,
+        "epoch %d/%d  train loss %.4f  %s %.4f  (best %.4f at epoch %d)",
+        epoch + 1, cfg.epochs, row["train/loss"], cfg.monitor, row[cfg.monitor],
+        state.best_value if state.best_value is not None else float("nan"), state.best_epoch,
+    )  # fmt: skip
+    return improved
+
+
 def fit(
     *,
     accelerator: Accelerator,
@@ -171,10 +436,9 @@ def fit(
     evaluate: Callable[[torch.nn.Module], Mapping[str, float]],
     cfg: TrainConfig,
     seed: int,
-    run_logger: Any,
+    run_logger: RunLogger,
     checkpoint_dir: str | Path,
     config_yaml: str,
-    trainable_state: Callable[[], dict[str, torch.Tensor]],
     state: LoopState | None = None,
     on_checkpoint: Callable[[Path, str], None] | None = None,
     verbose: bool = True,
@@ -183,117 +447,55 @@ def fit(
 
     Every epoch logs ``train/loss``, the mean of each loss term in ``StepOutput.parts`` and the recipe's
     ``train_metrics`` of the gathered scores (both prefixed ``train/``), its validation metrics, ``lr`` and ``epoch``
-    at the current optimizer step; every optimizer step logs ``train/step_loss`` and ``lr``.
+    at the current optimizer step; every optimizer step logs ``train/step_loss`` and ``lr`` (sent a window of
+    ``cfg.sync_every_steps`` steps at a time, see :class:`TrainConfig`).
     The main process writes ``checkpoint_dir/last`` (with optimizer state) every epoch and ``checkpoint_dir/best``
-    whenever the monitored metric improves, then calls ``on_checkpoint(path, "last"|"best")``.
+    whenever the monitored metric improves (``best`` first; ``last`` then hard-links its files), on a background
+    thread that the next epoch's save and the end of ``fit`` wait for; ``on_checkpoint(path, "best"|"last")`` is
+    called on that thread once the folder is complete. The weights saved are the full (unsharded) trainable
+    parameters, gathered on every rank (:func:`avlm.train.checkpoint.gather_trainable_state`, correct under DDP,
+    FSDP and DeepSpeed ZeRO-3).
     ``verbose=False`` drops the per-epoch progress bar and log line (to DEBUG) for callers that train many small
     models and show their own progress.
 
     Raises:
-        TrainingError: the loss became NaN or infinite (the message names the epoch and step).
+        TrainingError: the loss became NaN or infinite (the message names the epoch and step), or a checkpoint
+            could not be written.
     """
     state = state or LoopState()
-    checkpoint_dir = Path(checkpoint_dir)
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
-
-    for epoch in range(state.epoch, cfg.epochs):
-        set_seed(epoch_seed(seed, epoch))
-        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch) + accelerator.process_index)
-        _set_epoch(train_loader, epoch)
-        model.train()
-        epoch_start = time.perf_counter()
-        losses, scores, targets = [], [], []
-        parts: dict[str, list[float]] = {}
-        progress = tqdm(
-            train_loader,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not (verbose and accelerator.is_local_main_process),
-            leave=False,
-        )
-        for batch in progress:
-            with accelerator.accumulate(model):
-                out = train_step(model, batch, generator)
-                mean_loss = accelerator.reduce(out.loss.detach(), reduction="mean")
-                if not torch.isfinite(mean_loss):
-                    raise TrainingError(
-                        f"loss is {mean_loss.item()} at epoch {epoch + 1}, optimizer step {state.global_step + 1}: "
-                        "lower train.lr, turn on train.max_grad_norm, or check the inputs for NaN"
-                    )
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable_params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(mean_loss.item())
-            for name, value in out.parts.items():
-                parts.setdefault(name, []).append(accelerator.reduce(value.detach(), reduction="mean").item())
-            if train_metrics is not None:
-                # plain gather: training batches are whole (drop_last), nothing to trim
-                batch_scores, batch_targets = accelerator.gather((out.scores.detach(), out.targets.detach()))
-                scores.append(batch_scores.float().cpu().numpy())
-                targets.append(batch_targets.float().cpu().numpy())
-            if accelerator.sync_gradients:
-                state.global_step += 1
-                lr = scheduler.get_last_lr()[0]
-                run_logger.log_metrics({"train/step_loss": losses[-1], "lr": lr}, step=state.global_step)
-                progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", refresh=False)  # redrawn at tqdm pace
-        train_seconds = time.perf_counter() - epoch_start
-
-        model.eval()
-        val_metrics = dict(evaluate(model))
-        row: dict[str, float] = {"epoch": epoch + 1, "train/loss": float(np.mean(losses))}
-        row.update({f"train/{name}": float(np.mean(values)) for name, values in parts.items()})
-        if train_metrics is not None:
-            epoch_metrics = train_metrics(np.concatenate(scores), np.concatenate(targets))
-            row.update({f"train/{k}": float(v) for k, v in epoch_metrics.items()})
-        row.update({k: float(v) for k, v in val_metrics.items()})
-        if "train/mAP" in row and "val/mAP" in row:
-            row["train_val_gap/mAP"] = row["train/mAP"] - row["val/mAP"]
-        row["lr"] = scheduler.get_last_lr()[0]
-        row["throughput/train_samples_per_s"] = len(train_loader.dataset) / max(train_seconds, 1e-9)
-        row["time/epoch_s"] = time.perf_counter() - epoch_start
-        if cfg.monitor not in row:
-            raise ConfigError(
-                f"config key 'train.monitor' = '{cfg.monitor}' is not a logged metric; choose one of {sorted(row)}"
-            )
-        state.history.append(row)
-        state.epoch = epoch + 1
-        improved = is_improvement(row[cfg.monitor], state.best_value, cfg.monitor_mode, cfg.min_delta)
-        if improved:
-            state.best_value, state.best_epoch, state.epochs_without_improvement = row[cfg.monitor], epoch + 1, 0
-        else:
-            state.epochs_without_improvement += 1
-        state.stopped_early = 0 < cfg.patience <= state.epochs_without_improvement and state.epoch < cfg.epochs
-        run_logger.log_metrics(
-            {**row, "best/" + cfg.monitor: state.best_value if state.best_value is not None else float("nan")},
-            step=state.global_step,
-        )
-        logger.log(
-            logging.INFO if verbose else logging.DEBUG,
-            "epoch %d/%d  train loss %.4f  %s %.4f  (best %.4f at epoch %d)",
-            epoch + 1, cfg.epochs, row["train/loss"], cfg.monitor, row[cfg.monitor],
-            state.best_value if state.best_value is not None else float("nan"), state.best_epoch,
-        )  # fmt: skip
-
-        if accelerator.is_main_process:
-            weights = trainable_state()
-            if improved:
-                path = save_checkpoint(checkpoint_dir / "best", trainable=weights, config_yaml=config_yaml, state=state)
-                if on_checkpoint:
-                    on_checkpoint(path, "best")
-            path = save_checkpoint(
-                checkpoint_dir / "last",
-                trainable=weights,
-                config_yaml=config_yaml,
-                state=state,
+    writer = _CheckpointWriter(Path(checkpoint_dir), on_checkpoint)
+    try:
+        for epoch in range(state.epoch, cfg.epochs):
+            improved = _train_epoch(
+                epoch=epoch,
+                accelerator=accelerator,
+                model=model,
                 optimizer=optimizer,
                 scheduler=scheduler,
+                train_loader=train_loader,
+                train_step=train_step,
+                train_metrics=train_metrics,
+                evaluate=evaluate,
+                cfg=cfg,
+                seed=seed,
+                run_logger=run_logger,
+                state=state,
+                writer=writer,
+                verbose=verbose,
             )
-            if on_checkpoint:
-                on_checkpoint(path, "last")
-        accelerator.wait_for_everyone()
-        if state.stopped_early:
-            logger.info("early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
-            break
+            weights = gather_trainable_state(accelerator, model)  # a collective under FSDP / ZeRO-3: every rank
+            if accelerator.is_main_process:
+                files = checkpoint_files(
+                    trainable=weights, config_yaml=config_yaml, state=state, optimizer=optimizer, scheduler=scheduler
+                )
+                writer.save(files, with_best=improved)
+            accelerator.wait_for_everyone()
+            if state.stopped_early:
+                logger.info("early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
+                break
+    except BaseException:
+        writer.close(raise_errors=False)
+        raise
+    writer.close()
+    accelerator.wait_for_everyone()  # no rank reads the checkpoints before the main process has written them
     return state

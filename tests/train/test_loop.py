@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from avlm.errors import TrainingError
 from avlm.tracking import NullLogger
-from avlm.train import StepOutput, TrainConfig, build_scheduler, fit, load_state, make_accelerator
+from avlm.train import StepOutput, TrainConfig, build_scheduler, fit, load_state, load_trainable, make_accelerator
 
 
 class RecordingLogger(NullLogger):
@@ -64,7 +67,6 @@ def test_loss_terms_are_logged_per_epoch_and_the_model_learns(tmp_path):
         run_logger=logger,
         checkpoint_dir=tmp_path,
         config_yaml="x: 1\n",
-        trainable_state=lambda: {k: v.detach().clone() for k, v in task["model"].state_dict().items()},
     )
     assert [row["epoch"] for row in state.history] == [1, 2, 3, 4]
     for row in state.history:
@@ -92,6 +94,113 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
         run_logger=NullLogger(),
         checkpoint_dir=tmp_path,
         config_yaml="x: 1\n",
-        trainable_state=lambda: {},
     )
     assert state.epoch == 3 and state.stopped_early and state.best_epoch == 1
+
+
+def run_fit(task: dict[str, Any], cfg: TrainConfig, tmp_path, **kwargs: Any):
+    kwargs.setdefault("train_step", squared_error_step)
+    kwargs.setdefault("evaluate", lambda model: {"val/constant": 1.0})
+    kwargs.setdefault("run_logger", NullLogger())
+    return fit(**task, train_metrics=None, cfg=cfg, seed=0, checkpoint_dir=tmp_path, config_yaml="x: 1\n", **kwargs)
+
+
+def nan_at_step(bad_step: int, calls: list[int]):
+    """A train step whose loss (hence the gradients, hence the weights) turns NaN at optimizer step ``bad_step``."""
+
+    def step(model: torch.nn.Module, batch: Any, generator: torch.Generator) -> StepOutput:
+        calls.append(1)
+        out = squared_error_step(model, batch, generator)
+        return StepOutput(loss=out.loss * float("nan")) if len(calls) == bad_step else out
+
+    return step
+
+
+def test_nan_loss_stops_the_training_naming_epoch_and_step_before_any_checkpoint_holds_it(tmp_path):
+    # 4 steps an epoch, losses read back every 4: the NaN of step 6 is seen at step 8, the end of epoch 2
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.1, monitor="val/constant", patience=0, sync_every_steps=4)
+    task, logger, calls = regression_task(cfg), RecordingLogger(), []
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 2, optimizer step 6 \(losses are checked"):
+        run_fit(task, cfg, tmp_path, train_step=nan_at_step(6, calls), run_logger=logger)
+    assert len(calls) == 8  # detected a window later, as documented
+    assert [step for step, m in logger.steps if "train/step_loss" in m] == [1, 2, 3, 4, 5]  # the points before it
+    assert not torch.isfinite(task["model"].weight).all()  # the optimizer did write NaN weights in memory…
+    assert load_state(tmp_path / "last").epoch == 1  # …but no checkpoint holds them
+    assert all(torch.isfinite(v).all() for v in load_trainable(tmp_path / "last").values())
+
+
+def test_a_failure_caused_by_nan_weights_is_reported_as_the_nan_loss(tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.1, monitor="val/constant", patience=0, sync_every_steps=4)
+    task, calls = regression_task(cfg), []
+    nan_step = nan_at_step(2, calls)
+
+    def fragile_step(model: torch.nn.Module, batch: Any, generator: torch.Generator) -> StepOutput:
+        if not torch.isfinite(model.weight).all():  # as torch.multinomial does on NaN probabilities
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return nan_step(model, batch, generator)
+
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 1, optimizer step 2") as caught:
+        run_fit(task, cfg, tmp_path, train_step=fragile_step)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_checkpoints_are_written_off_the_training_thread_complete_before_on_checkpoint(tmp_path):
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.1, monitor="val/mse", monitor_mode="min", patience=0)
+    task = regression_task(cfg)
+    model = task["model"]
+    val_by_epoch = iter([3.0, 1.0, 2.0, 4.0])  # best at epoch 2
+    weights_seen: list[torch.Tensor] = []
+    calls: list[tuple[str, int, str]] = []
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        weights_seen.append(model.weight.detach().clone())  # what the epoch's checkpoint must hold
+        return {"val/mse": next(val_by_epoch)}
+
+    def on_checkpoint(path: Path, kind: str) -> None:
+        calls.append((kind, load_state(path).epoch, threading.current_thread().name))
+        assert path == tmp_path / kind and sorted(load_trainable(path)) == ["bias", "weight"]
+
+    state = run_fit(task, cfg, tmp_path, evaluate=evaluate, on_checkpoint=on_checkpoint)
+    assert [(kind, epoch) for kind, epoch, _ in calls] == [
+        ("best", 1), ("last", 1), ("best", 2), ("last", 2), ("last", 3), ("last", 4),
+    ]  # fmt: skip
+    assert all(name.startswith("avlm-checkpoint") for _, _, name in calls)
+    assert state.best_epoch == 2
+    # snapshots, not views: epoch 2's best is epoch 2's weights although two more epochs trained meanwhile
+    torch.testing.assert_close(load_trainable(tmp_path / "best")["weight"], weights_seen[1], rtol=0, atol=0)
+    torch.testing.assert_close(load_trainable(tmp_path / "last")["weight"], model.weight.detach(), rtol=0, atol=0)
+    assert not (tmp_path / "best" / "optimizer.safetensors").exists()
+
+
+def test_same_epoch_best_and_last_share_their_files(tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, monitor="val/constant", patience=0)
+    run_fit(regression_task(cfg), cfg, tmp_path)
+    for name in ("trainable.safetensors", "state.json", "config.yaml"):
+        assert (tmp_path / "best" / name).samefile(tmp_path / "last" / name)
+    assert (tmp_path / "last" / "optimizer.safetensors").is_file()
+
+
+def test_an_on_checkpoint_error_stops_the_training_at_the_next_sync_point(tmp_path):
+    cfg = TrainConfig(epochs=10, batch_size=16, lr=0.1, monitor="val/constant", patience=0, sync_every_steps=1)
+    calls: list[int] = []
+
+    def counting_step(model: torch.nn.Module, batch: Any, generator: torch.Generator) -> StepOutput:
+        calls.append(1)
+        return squared_error_step(model, batch, generator)
+
+    def failing_upload(path: Path, kind: str) -> None:
+        raise OSError("artifact store unreachable")
+
+    with pytest.raises(TrainingError, match=r"on_checkpoint\(.*best'\) failed: artifact store unreachable"):
+        run_fit(regression_task(cfg), cfg, tmp_path, train_step=counting_step, on_checkpoint=failing_upload)
+    assert len(calls) <= 8  # at the latest when epoch 2 saves, the first save's error surfaces
+
+
+def test_a_checkpoint_write_error_names_the_folder(tmp_path, monkeypatch):
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("avlm.train.loop.write_checkpoint", disk_full)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, monitor="val/constant", patience=0)
+    with pytest.raises(TrainingError, match=rf"writing the best checkpoint {tmp_path / 'best'} failed: .*No space"):
+        run_fit(regression_task(cfg), cfg, tmp_path)
