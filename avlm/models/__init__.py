@@ -25,7 +25,9 @@ from avlm.models.captioner import (
     build_captioner,
     build_causal_lm,
     build_source_encoder,
+    caption_token_losses,
     encode_captions,
+    label_token_counts,
     load_caption_tokenizer,
     params_ratio,
 )
@@ -75,6 +77,8 @@ __all__ = [
     "build_backbone",
     "build_caption_tokenizer",
     "build_captioner",
+    "caption_token_losses",
+    "label_token_counts",
     "build_causal_lm",
     "build_source_encoder",
     "count_parameters",

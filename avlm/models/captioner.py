@@ -531,6 +531,18 @@ class SourceProjector(nn.Module):
         return self.output(pooled + queries)
 
 
+def label_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) number of predicted tokens per caption (position t predicts token t + 1; -100 takes no loss)."""
+    return (labels[:, 1:] != -100).sum(1)
+
+
+def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) sum of the token cross-entropies of each caption: what a token-weighted mean over any set of captions
+    (one process's share of a batch, a whole split) is built from."""
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=-100, reduction="none")
+    return losses.sum(1)
+
+
 @dataclass
 class CaptionerOutput:
     """What the captioner's forward returns.
@@ -703,8 +715,7 @@ class FusionCaptioner(nn.Module):
         penalty = self.fusion_gate_penalty()
         xe = loss = None
         if labels is not None:
-            # Position t predicts token t + 1.
-            xe = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            xe = caption_token_losses(logits, labels).sum() / label_token_counts(labels).sum().clamp_min(1)
             loss = xe + penalty
             if self.config.contrastive_weight > 0:
                 loss = loss + self.config.contrastive_weight * contrastive

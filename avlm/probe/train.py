@@ -90,6 +90,9 @@ def train_probe(
         TokenDataset(train_features, train_labels),
         batch_size=min(train_cfg.batch_size, len(train_features)),
         shuffle=True,
+        # whole batches only: accelerate pads a short last batch with repeated samples when it splits it across
+        # processes, so N processes would train on other samples than one
+        drop_last=True,
         generator=torch.Generator().manual_seed(seed),
     )
     eval_loaders = {

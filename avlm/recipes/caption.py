@@ -65,8 +65,10 @@ from avlm.models import (
     CaptionModelConfig,
     FusionCaptioner,
     build_captioner,
+    caption_token_losses,
     count_parameters,
     encode_captions,
+    label_token_counts,
     load_caption_tokenizer,
     load_trainable_state_dict,
     parameter_groups,
@@ -563,10 +565,15 @@ def main(cfg: CaptionConfig) -> CaptionResult:
         # -- 6. one training step: teacher-forced XE (+ InfoNCE, + gate L2) -------------------------------------
         def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
             out = teacher_forced(model, batch)
-            parts = {"xe_loss": out.xe_loss, "fusion_gate_penalty": out.fusion_gate_penalty}
+            # DDP averages the processes' gradients: weighting each process's token mean by its share of the batch's
+            # tokens makes that average the batch's token mean, as one process computes it (share = 1 for one).
+            tokens = label_token_counts(batch["labels"]).sum()
+            share = tokens * accelerator.num_processes / accelerator.reduce(tokens, reduction="sum")
+            xe = out.xe_loss * share
+            parts = {"xe_loss": xe, "fusion_gate_penalty": out.fusion_gate_penalty}
             if cfg.model.contrastive_weight > 0:
-                parts["contrastive_loss"] = out.contrastive_loss
-            return StepOutput(loss=out.loss, parts=parts)
+                parts["contrastive_loss"] = out.contrastive_loss  # negatives: this process's share of the batch
+            return StepOutput(loss=out.loss - out.xe_loss + xe, parts=parts)
 
         # -- 7. evaluation: val XE, beam-search captions scored by pycocoevalcap, gate magnitudes ---------------
         scorer = CaptionScorer(spice=cfg.metrics.spice_config()) if accelerator.is_main_process else None
@@ -600,9 +607,11 @@ def main(cfg: CaptionConfig) -> CaptionResult:
             total, count = 0.0, 0
             for batch in val_pairs:
                 out = teacher_forced(model, batch)
-                # batch means weighted by the batch's captions (the last batch may be smaller)
-                losses = accelerator.gather_for_metrics(out.xe_loss.detach().reshape(1).repeat(len(batch["clip"])))
-                total, count = total + float(losses.sum()), count + len(losses)
+                # per caption, so that the split's token mean is the same on any number of processes
+                sums, tokens = accelerator.gather_for_metrics(
+                    (caption_token_losses(out.logits, batch["labels"]), label_token_counts(batch["labels"]))
+                )
+                total, count = total + float(sums.sum()), count + int(tokens.sum())
             return total / max(count, 1)
 
         def evaluate(model: torch.nn.Module) -> dict[str, float]:

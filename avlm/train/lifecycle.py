@@ -190,6 +190,12 @@ class RecipeRun:
         """Load a resumed run's trainable weights, optimizer and scheduler state (before ``accelerator.prepare``)."""
         if self.resume is None:
             return
+        if self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            # `last` holds the trainable weights gathered whole but only rank 0's shard of the optimizer state
+            raise ConfigError(
+                f"config key 'resume': resuming a {self.accelerator.distributed_type.value} run is not supported "
+                "(its checkpoints hold rank 0's shard of the optimizer state only); start the run again"
+            )
         from avlm.models import load_trainable_state_dict
 
         load_trainable_state_dict(model, load_trainable(self.resume.last))

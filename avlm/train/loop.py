@@ -142,8 +142,8 @@ def distributed_state() -> Any:
 
 
 def _cpu_only_multiprocess() -> bool:
-    """True under a plain ``torchrun`` on a machine without accelerators: accelerate then needs ``cpu=True`` to
-    set up gloo DDP (``accelerate launch`` with a MULTI_CPU config sets it by itself)."""
+    """True for several processes on a machine without accelerators (``torchrun``, or ``accelerate launch
+    --multi_gpu`` as ``avlm.launch`` starts them on a CPU): accelerate then needs ``cpu=True`` to set up gloo DDP."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     return world_size > 1 and not has_accelerator

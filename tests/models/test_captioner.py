@@ -16,9 +16,11 @@ from avlm.models import (
     build_captioner,
     build_causal_lm,
     build_source_encoder,
+    caption_token_losses,
     count_parameters,
     encode_captions,
     find_decoder_layers,
+    label_token_counts,
     load_caption_tokenizer,
     load_trainable_state_dict,
     parameter_groups,
@@ -467,3 +469,22 @@ def test_model_config_loads_through_the_recipe_config_machinery():
     assert (cfg.audio_tokens, cfg.projector_width, cfg.fusion_gate_init) == (16, 768, 0.05)
     with pytest.raises(ConfigError, match="unknown config key 'audio_token'"):
         config_from_dict(CaptionModelConfig, {"audio_token": 8})
+
+
+def test_token_losses_rebuild_the_token_mean_over_any_split_of_the_captions():
+    # what makes the loss the same on 1 or N processes: sums and counts add up, per-split means do not
+    torch.manual_seed(0)
+    logits = torch.randn(6, 9, 11)
+    labels = torch.randint(0, 11, (6, 9))
+    labels[0, 4:] = -100  # captions of different lengths
+    labels[3, 2:] = -100
+    reference = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    )
+    halves = [
+        (caption_token_losses(logits[s], labels[s]), label_token_counts(labels[s])) for s in (slice(0, 3), slice(3, 6))
+    ]
+    assert sum(t.sum() for t, _ in halves) / sum(c.sum() for _, c in halves) == pytest.approx(
+        reference.item(), rel=1e-6
+    )
+    assert halves[0][0].sum() / halves[0][1].sum() != pytest.approx(reference.item(), rel=1e-3)  # a half's mean is not
