@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from avlm.errors import AvlmError, ConfigError
+from avlm.tracking.run_logger import RunLogger
 from avlm.train.checkpoint import LoopState, load_state, load_trainable, restore_optimization
 from avlm.train.loop import StepOutput, TrainConfig, distributed_state, fit, make_accelerator
 
@@ -161,7 +162,7 @@ class RecipeRun:
     what a resumed run brings. Made by :func:`open_run`."""
 
     accelerator: Any
-    logger: Any  # avlm.tracking.RunLogger
+    logger: RunLogger
     run_id: str | None
     output_dir: Path
     config_yaml: str
