@@ -311,6 +311,16 @@ def _postgres_advisory_lock(uri: str, name: str, timeout_s: float) -> Iterator[N
         engine.dispose()
 
 
+def _lock_holder(client: Any, lock_name: str) -> str | None:
+    """Who holds the lock model (its holder tag), or None when there is no lock model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(lock_name).tags.get(LOCK_HOLDER_TAG, "unknown")
+    except MlflowException:
+        return None
+
+
 @contextlib.contextmanager
 def _registered_model_lock(name: str, timeout_s: float) -> Iterator[None]:
     from mlflow import MlflowClient
@@ -318,23 +328,25 @@ def _registered_model_lock(name: str, timeout_s: float) -> Iterator[None]:
 
     client = MlflowClient()
     lock_name = f"{name}.promotion-lock"
+    holder = _holder()
     deadline, wait = time.monotonic() + timeout_s, 0.05
     while True:
         try:
             client.create_registered_model(
-                lock_name, tags={LOCK_HOLDER_TAG: _holder()}, description=f"avlm: promotion of {name} in progress"
+                lock_name, tags={LOCK_HOLDER_TAG: holder}, description=f"avlm: promotion of {name} in progress"
             )
             break
         except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            # A create racing the holder's delete can be answered "does not exist" (seen with a sqlite-backed
+            # server): contention like "already exists", unless the model was made after all, by this process.
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST" and _lock_holder(client, lock_name) == holder:
+                break
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         if time.monotonic() > deadline:
-            try:
-                holder = client.get_registered_model(lock_name).tags.get(LOCK_HOLDER_TAG, "unknown")
-            except MlflowException:
-                holder = "unknown (just released)"
             raise TrainingError(
-                f"promotion lock of registered model {name!r} still held after {timeout_s:g} s by {holder}: if "
+                f"promotion lock of registered model {name!r} still held after {timeout_s:g} s by "
+                f"{_lock_holder(client, lock_name) or 'unknown (just released)'}: if "
                 f"that process is gone, delete the registered model {lock_name!r} and promote again"
             )
         time.sleep(wait * random.uniform(0.5, 1.5))  # jitter: waiters do not retry in lockstep
