@@ -1,6 +1,7 @@
 """The ``avlm`` command (``python -m avlm`` until the package is reinstalled with its console script)::
 
 avlm tracking replay <run folder>
+avlm registry show|history|promote|check|rollback NAME ...
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 from avlm.errors import AvlmError
 from avlm.tracking import cli as tracking_cli
+from avlm.tracking import registry_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="avlm", allow_abbrev=False)
     groups = parser.add_subparsers(dest="group", required=True)
     tracking_cli.add_commands(groups)
+    registry_cli.add_commands(groups)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

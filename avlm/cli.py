@@ -78,6 +78,26 @@ def _fail(prog: str, message: str, status: int) -> int:
     return status
 
 
+def run_protocol_command(prog: str, call: Callable[[], Any], report: Callable[[Any], list[str]]) -> int:
+    """What a protocol entry point (a sweep, a chain: many runs from one spec) does around its one call: log at INFO,
+    run ``call()``, print ``report(result)`` and where to browse the runs; return the exit status.
+
+    Exit status: 0 done; 2 an error the user can act on (:class:`~avlm.errors.AvlmError`: a bad spec, key, storage,
+    a refusal), with one line on stderr; 128 + the signal's number on SIGINT or SIGTERM.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = call()
+    except AvlmError as err:
+        return _fail(prog, f"error: {err}", 2)
+    except RunInterrupted as err:
+        return _fail(prog, str(err), 128 + err.signum)
+    except KeyboardInterrupt:
+        return _fail(prog, "interrupted by SIGINT", 128 + signal.SIGINT)
+    print("\n" + "\n".join([*report(result), browse_line(resolve_tracking_uri())]))  # noqa: T201
+    return 0
+
+
 def unknown_option_message(given: str, valid: Sequence[str]) -> str:
     """Why ``given`` (``--epoch`` or ``--epoch=3``) is refused: the closest valid option, then all of them."""
     name = given.split("=", 1)[0]

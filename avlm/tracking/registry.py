@@ -1,9 +1,24 @@
 """MLflow model registry: register the best checkpoint, promote it only through a pre-declared gate.
 
 Every version gets the alias ``candidate``. It becomes ``champion`` (alias, and stage ``Production`` with the
-previous holder moved to ``Archived`` — stages are deprecated by MLflow but users still read them) only if its
-validation metric beats the current champion's by the configured margin. The decision, promoted or not, is
-written on the version as ``promotion.*`` tags, so the registry itself is the audit trail.
+previous holder moved to ``Archived`` — stages are deprecated by MLflow but users still read them) only through a
+declared rule (:mod:`avlm.protocol.rules`): the recipes' gate is the simplest one (:func:`promote_if_better`: the
+registered metric value beats the champion's by the configured margin); a chain's gate is any rule on per-seed
+evidence, p-values included (:func:`promote_with_rule`). By hand, ``avlm registry promote`` re-applies a standing
+passed decision or, with ``--force``, records the person's reason (:func:`promote_by_hand`).
+
+The audit trail
+---------------
+Every decision, promoted or not, is appended to the version: tags ``promotion.<n>.*`` (n = 1, 2, … in the
+version's order; ``promotion.latest`` = the last n; the registered model's ``promotion.sequence`` orders the
+decisions of all versions), holding the kind, decision, reason, who and when, the rule and its SHA-256 (written,
+with decision ``evaluating``, before the rule is evaluated), the evidence's per-seed values and run ids, and each
+condition's figure, n, seeds, test and p. The same record, with the full evidence and outcome, is logged as
+``promotion/v<version>/decision_<n>.json`` in the version's run (``promotion.<n>.artifact``). Nothing is ever
+overwritten but the flat ``promotion.decision``, ``promotion.reason``, … tags, which mirror the latest decision
+for existing readers; a decision from before the series (flat tags only) is kept as record 0 when the next one
+is written. :func:`check_registry` compares the aliases and stages with these records (what was moved by hand in
+the MLflow UI or API) and :func:`rollback` restores what the records say.
 
 Concurrent promotions
 ---------------------
@@ -37,13 +52,15 @@ import dataclasses
 import datetime
 import getpass
 import hashlib
+import json
 import logging
 import os
 import platform
 import random
+import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +68,7 @@ import numpy as np
 
 import avlm
 from avlm.errors import ConfigError, TrainingError
+from avlm.protocol.rules import Evidence, Rule, RuleOutcome, evaluate_rule, margin_rule, rule_sha256, rule_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -85,16 +103,6 @@ class RegistryConfig:
             raise ConfigError("config key 'registry.name' must not be empty")
         if self.promote_margin < 0:
             raise ConfigError(f"config key 'registry.promote_margin' must be >= 0, got {self.promote_margin}")
-
-
-@dataclasses.dataclass
-class PromotionDecision:
-    promoted: bool
-    reason: str
-    version: str
-    candidate_value: float
-    champion_version: str | None
-    champion_value: float | None
 
 
 def log_and_register(
@@ -357,74 +365,852 @@ def _registered_model_lock(name: str, timeout_s: float) -> Iterator[None]:
         client.delete_registered_model(lock_name)
 
 
-def promote_if_better(cfg: RegistryConfig, version: str | int) -> PromotionDecision:
-    """Apply the gate to ``version`` of ``cfg.name`` and record the decision on it.
+# -- the promotion gate: a declared rule, evaluated under the lock, recorded append-only --------------------------
 
-    The candidate's value is its ``avlm.metric_value`` tag (set at registration from the run's best value of
-    ``cfg.promote_metric``); so is the champion's. The champion is read, and the decision made and recorded,
-    under :func:`promotion_lock`, so concurrent promotions act as if they ran one after the other.
+
+class PromotionRefused(TrainingError):
+    """A promotion or rollback that the gate's records do not back (the message says what is missing)."""
+
+
+@dataclasses.dataclass
+class PromotionDecision:
+    """What a gate decided for one version.
+
+    Attributes:
+        promoted: the version is champion now because of this decision.
+        reason: one line.
+        version: the version decided on.
+        candidate_value: the recipes' gate: the version's registered metric value (None for a declared rule).
+        champion_version: the champion when the decision was made.
+        champion_value: the recipes' gate: the champion's registered metric value.
+        decision: promoted | rejected | kept (already champion).
+        index: the decision's index in the version's ``promotion.<index>.*`` series.
+        outcome: the rule's outcome (None when no rule was evaluated: no champion to compare with, already
+            champion).
+        rule_sha256: the hash of the rule applied.
+    """
+
+    promoted: bool
+    reason: str
+    version: str
+    candidate_value: float | None
+    champion_version: str | None
+    champion_value: float | None
+    decision: str = ""
+    index: int = 0
+    outcome: RuleOutcome | None = None
+    rule_sha256: str = ""
+
+
+@dataclasses.dataclass
+class DecisionRecord:
+    """One entry of a version's audit trail: tags ``promotion.<index>.*`` on the version, and the same record with
+    the full evidence and outcome as the JSON artifact ``artifact``.
+
+    Attributes:
+        model: registered model name.
+        version: the version decided on.
+        index: position in the version's series, from 1; 0 is a decision made before the series existed, read
+            from the flat ``promotion.*`` tags.
+        seq: position among all decisions on the model (the registered model's ``promotion.sequence`` tag);
+            None for index 0.
+        kind: gate (a rule evaluated by code) | promote (by hand, backed by a standing gate decision) | force (by
+            hand, with a reason) | rollback.
+        decision: promoted | rejected | kept (already champion; nothing moved) | forced | restored (by a
+            rollback) | evaluating (the rule was frozen but no decision was written: the promoter died).
+        passed: the rule's verdict; None when no rule was evaluated.
+        reason: one line.
+        at: when (UTC, ISO 8601).
+        by: who (user@host).
+        champion_before: the champion when the decision was made.
+        rule: the rule evaluated, canonical (:func:`avlm.protocol.rules.rule_to_dict`).
+        rule_sha256: its hash.
+        rule_frozen_in: the run the rule was frozen in before the evidence was gathered, when given.
+        values: the evidence's values: candidate and baseline (metric -> seed -> value) and their labels.
+        candidate_run_ids: the runs the candidate's values come from.
+        baseline_run_ids: the runs the baseline's values come from.
+        conditions: each condition's outcome (condition, passed, value, n, seeds, reason, test and p for p-values).
+        backed_by: for ``promote``, the index of the gate decision it relies on.
+        artifact: URI of the JSON copy ("" when the version has no run to hold it).
+    """
+
+    model: str
+    version: str
+    index: int
+    seq: int | None
+    kind: str
+    decision: str
+    passed: bool | None = None
+    reason: str = ""
+    at: str = ""
+    by: str = ""
+    champion_before: str | None = None
+    rule: dict[str, Any] | None = None
+    rule_sha256: str = ""
+    rule_frozen_in: str = ""
+    values: dict[str, Any] | None = None
+    candidate_run_ids: list[str] = dataclasses.field(default_factory=list)
+    baseline_run_ids: list[str] = dataclasses.field(default_factory=list)
+    conditions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    backed_by: int | None = None
+    artifact: str = ""
+
+    @property
+    def order(self) -> tuple[int, str, int, int]:
+        """Sort key of the model's decision log: the sequence, then (records without one) time and version."""
+        return (-1 if self.seq is None else self.seq, self.at, int(self.version), self.index)
+
+
+def promote_if_better(cfg: RegistryConfig, version: str | int) -> PromotionDecision:
+    """The recipes' gate: :func:`~avlm.protocol.rules.margin_rule` on the version's registered metric value, with the
+    champion's as the baseline, decided and recorded under :func:`promotion_lock`.
+
+    No champion: promoted ("no current champion"). Already champion: kept, not re-promoted. The candidate's and the
+    champion's values are their ``avlm.metric_value`` tags (set at registration from the run's best value of
+    ``cfg.promote_metric``). The decision is appended to the version's audit trail (see :func:`decision_history`).
+
+    Raises:
+        TrainingError: the version or the champion has no readable ``avlm.metric_value`` tag (names the model,
+            version and tag).
+    """
+    from mlflow import MlflowClient
+
+    version = str(version)
+    rule = margin_rule(cfg.promote_metric, cfg.promote_mode, cfg.promote_margin)
+    candidate_value = _registered_value(_model_version(MlflowClient(), cfg.name, version), cfg.promote_metric)
+
+    def judge(candidate: Any, champion: Any | None) -> _Verdict:
+        evidence = Evidence(  # with no other version to compare with, what there is
+            candidate={cfg.promote_metric: {"best": candidate_value}},
+            baseline=None,
+            candidate_label=f"v{version}",
+            baseline_label="none",
+            candidate_run_ids=[candidate.run_id] if candidate.run_id else [],
+        )
+        # The flat promotion.* tags recipes and users read: the latest decision (the series keeps every one).
+        latest = {
+            "metric": cfg.promote_metric,
+            "mode": cfg.promote_mode,
+            "margin": repr(cfg.promote_margin),
+            "candidate_value": repr(candidate_value),
+            "champion_value": "none",
+            "compared_run_ids": ",".join(r for r in (candidate.run_id, champion and champion.run_id) if r),
+        }
+        if champion is None:
+            return _Verdict("promoted", "no current champion", evidence, None, latest)
+        champion_version = str(champion.version)
+        if champion_version == version:
+            return _Verdict("kept", "already champion", evidence, None, latest)
+        champion_value = _registered_value(champion, cfg.promote_metric)
+        latest["champion_value"] = repr(champion_value)
+        evidence = dataclasses.replace(
+            evidence,
+            baseline={cfg.promote_metric: {"best": champion_value}},
+            baseline_label=f"champion v{champion_version}",
+            baseline_run_ids=[champion.run_id] if champion.run_id else [],
+        )
+        outcome = evaluate_rule(rule, evidence)
+        relation = "beats" if outcome.passed else "does not beat"
+        reason = (
+            f"{cfg.promote_metric} {candidate_value:.6g} {relation} champion v{champion_version} "
+            f"{champion_value:.6g} by more than margin {cfg.promote_margin:g} ({cfg.promote_mode}; "
+            f"gain {outcome.conditions[0].value:.6g})"
+        )
+        return _Verdict("promoted" if outcome.passed else "rejected", reason, evidence, outcome, latest, champion_value)
+
+    decision = _gate(cfg.name, version, rule, judge)
+    decision.candidate_value = candidate_value
+    return decision
+
+
+def promote_with_rule(
+    name: str, version: str | int, rule: Rule, evidence: Evidence, *, frozen_by_run_id: str | None = None
+) -> PromotionDecision:
+    """Evaluate a declared rule on ``evidence`` (e.g. per-seed values of a sweep's candidate and baseline cells) and
+    promote ``version`` of ``name`` to champion (alias, stage ``Production``) when it passes.
+
+    The baseline is the evidence's, not the champion's: the caller chose what the candidate is compared with when
+    it declared the protocol. Under :func:`promotion_lock`: the champion is re-read, the rule and its hash are
+    written on the version (decision ``evaluating``) before it is evaluated, then the outcome and the full
+    evidence are written as tags and as the JSON artifact ``promotion/v<version>/decision_<index>.json`` of the
+    version's run. Already champion: the rule is evaluated and recorded, nothing moves (decision ``kept``).
+
+    Args:
+        name: registered model name.
+        version: the candidate version.
+        rule: the declared rule.
+        evidence: what the rule is evaluated on.
+        frozen_by_run_id: the run the rule was frozen in before its evidence was gathered (a chain's stage run):
+            one of its tags or params must hold the rule's SHA-256, else the promotion is refused.
+
+    Raises:
+        PromotionRefused: ``frozen_by_run_id`` does not hold the rule's hash.
+        ConfigError: no such version.
     """
     from mlflow import MlflowClient
 
     client = MlflowClient()
     version = str(version)
-    candidate = client.get_model_version(cfg.name, version)
-    candidate_value = float(candidate.tags[METRIC_VALUE_TAG])
-    with promotion_lock(cfg.name):
-        decision = _decide_and_record(cfg, client, candidate, candidate_value)
-    outcome = "promoted" if decision.promoted else "rejected"
-    logger.info("promotion gate for %s v%s: %s (%s)", cfg.name, version, outcome, decision.reason)
-    return decision
+    _model_version(client, name, version)
+    if frozen_by_run_id:
+        _check_frozen(client, frozen_by_run_id, rule_sha256(rule))
+
+    def judge(candidate: Any, champion: Any | None) -> _Verdict:
+        outcome = evaluate_rule(rule, evidence)
+        if champion is not None and str(champion.version) == version:
+            reason = f"already champion; rule {'passed' if outcome.passed else 'failed'} ({outcome.reason})"
+            return _Verdict("kept", reason, evidence, outcome)
+        return _Verdict("promoted" if outcome.passed else "rejected", outcome.reason, evidence, outcome)
+
+    return _gate(name, version, rule, judge, frozen_in=frozen_by_run_id)
 
 
-def _decide_and_record(cfg: RegistryConfig, client: Any, candidate: Any, candidate_value: float) -> PromotionDecision:
-    """The gate itself; the caller holds the promotion lock, so the champion read here is still champion below."""
-    version = str(candidate.version)
-    champion = current_champion(cfg.name)
-    champion_version = str(champion.version) if champion is not None else None  # MLflow hands back ints
-    champion_value = float(champion.tags[METRIC_VALUE_TAG]) if champion is not None else None
-    sign = 1.0 if cfg.promote_mode == "max" else -1.0
-    if champion is None:
-        promoted, reason = True, "no current champion"
-    elif champion_version == version:
-        promoted, reason = False, "already champion"
-    else:
-        gain = sign * (candidate_value - champion_value)
-        promoted = gain > cfg.promote_margin
-        relation = "beats" if promoted else "does not beat"
-        reason = (
-            f"{cfg.promote_metric} {candidate_value:.6g} {relation} champion v{champion_version} "
-            f"{champion_value:.6g} by more than margin {cfg.promote_margin:g} ({cfg.promote_mode}; gain {gain:.6g})"
+@dataclasses.dataclass
+class _Verdict:
+    """What a gate's judge decided, for :func:`_gate` to record."""
+
+    decision: str  # promoted | rejected | kept
+    reason: str
+    evidence: Evidence | None
+    outcome: RuleOutcome | None
+    latest: dict[str, str] | None = None
+    champion_value: float | None = None
+
+
+def _gate(
+    name: str,
+    version: str,
+    rule: Rule,
+    judge: Callable[[Any, Any | None], _Verdict],
+    *,
+    frozen_in: str | None = None,
+) -> PromotionDecision:
+    """Under the promotion lock: re-read the candidate and the champion, freeze the rule on the version, let
+    ``judge(candidate, champion)`` decide, record the decision, and move the champion when promoted."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    with promotion_lock(name):
+        candidate = client.get_model_version(name, version)  # re-read: its trail may have grown meanwhile
+        champion = current_champion(name)
+        champion_version = str(champion.version) if champion is not None else None  # MLflow hands back ints
+        record = _begin_record(
+            client, candidate, kind="gate", rule=rule, champion_before=champion_version, frozen_in=frozen_in
         )
-    decision_tags = {
-        "promotion.decision": "promoted" if promoted else "rejected",
-        "promotion.reason": reason,
-        "promotion.metric": cfg.promote_metric,
-        "promotion.mode": cfg.promote_mode,
-        "promotion.margin": repr(cfg.promote_margin),
-        "promotion.candidate_value": repr(candidate_value),
-        "promotion.champion_version": champion_version or "none",
-        "promotion.champion_value": repr(champion_value) if champion_value is not None else "none",
-        "promotion.compared_run_ids": ",".join(
-            [candidate.run_id] + ([champion.run_id] if champion is not None else [])
-        ),
-        "promotion.by": f"{getpass.getuser()}@{platform.node()}",
-        "promotion.at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    for key, value in decision_tags.items():
-        client.set_model_version_tag(cfg.name, version, key, value)
-    if promoted:
-        client.set_registered_model_alias(cfg.name, CHAMPION_ALIAS, version)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated; users still ask for them
-            client.transition_model_version_stage(cfg.name, version, "Production", archive_existing_versions=True)
-        if champion is not None:
-            client.set_model_version_tag(cfg.name, champion_version, "promotion.superseded_by", version)
+        verdict = judge(candidate, champion)
+        record = _finish_record(
+            client,
+            record,
+            candidate,
+            decision=verdict.decision,
+            reason=verdict.reason,
+            evidence=verdict.evidence,
+            outcome=verdict.outcome,
+            latest=verdict.latest,
+        )
+        promoted = verdict.decision == "promoted"
+        if promoted:
+            _move_champion(client, name, version, superseding=champion_version)
+    logger.info(
+        "promotion gate %s for %s v%s: %s (%s)",
+        rule.name or record.rule_sha256[:12],
+        name,
+        version,
+        verdict.decision,
+        verdict.reason,
+    )
     return PromotionDecision(
         promoted=promoted,
-        reason=reason,
+        reason=verdict.reason,
         version=version,
-        candidate_value=candidate_value,
+        candidate_value=None,
         champion_version=champion_version,
-        champion_value=champion_value,
+        champion_value=verdict.champion_value,
+        decision=verdict.decision,
+        index=record.index,
+        outcome=verdict.outcome,
+        rule_sha256=record.rule_sha256,
     )
+
+
+def _model_version(client: Any, name: str, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ConfigError(f"registered model {name!r} has no version {version}") from e
+        raise
+
+
+def _registered_value(model_version: Any, metric: str) -> float:
+    """The version's ``avlm.metric_value`` tag as a number, or an error naming the model, version and tag."""
+    where = f"registered model {model_version.name!r} version {model_version.version}"
+    raw = model_version.tags.get(METRIC_VALUE_TAG)
+    if raw is None:
+        raise TrainingError(
+            f"{where} has no tag {METRIC_VALUE_TAG!r} (its value of {metric}, set at registration by "
+            "log_and_register), so the promotion gate cannot compare it; tag it or register it again"
+        )
+    try:
+        return float(raw)
+    except ValueError as e:
+        raise TrainingError(f"{where}: tag {METRIC_VALUE_TAG!r} = {raw!r} is not a number") from e
+
+
+def _check_frozen(client: Any, run_id: str, sha: str) -> None:
+    run = client.get_run(run_id)
+    if sha not in run.data.tags.values() and sha not in run.data.params.values():
+        raise PromotionRefused(
+            f"rule {sha[:12]}… was not frozen in run {run_id} (no tag or param of that run holds its SHA-256): "
+            "a rule is declared, and frozen in its run, before the evidence it judges is gathered"
+        )
+
+
+# -- the audit trail: promotion.<index>.* tags, promotion.latest, the model's promotion.sequence -------------------
+
+PROMOTION_PREFIX = "promotion."
+LATEST_TAG = "promotion.latest"
+SEQUENCE_TAG = "promotion.sequence"
+SUPERSEDED_TAG = "promotion.superseded_by"
+MOVES = ("promoted", "forced", "restored")  # decisions that put the champion alias on their version
+TAG_VALUE_LIMIT = 5000  # MLflow allows more; a tag is for reading, the JSON artifact holds everything
+_LATEST_KEYS = (
+    "decision",
+    "reason",
+    "metric",
+    "mode",
+    "margin",
+    "candidate_value",
+    "champion_version",
+    "champion_value",
+    "compared_run_ids",
+    "by",
+    "at",
+)
+_RECORD_TAG = re.compile(r"promotion\.(\d+)\.")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _who() -> str:
+    return f"{getpass.getuser()}@{platform.node()}"
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _record_tags(record: DecisionRecord) -> dict[str, str]:
+    """The record as version tags (values over ``TAG_VALUE_LIMIT`` are cut; the artifact has them whole)."""
+    p = f"{PROMOTION_PREFIX}{record.index}."
+    passed = "none" if record.passed is None else str(record.passed).lower()
+    tags = {
+        f"{p}kind": record.kind,
+        f"{p}seq": "none" if record.seq is None else str(record.seq),
+        f"{p}at": record.at,
+        f"{p}by": record.by,
+        f"{p}champion_before": record.champion_before or "none",
+        f"{p}passed": passed,
+        f"{p}reason": record.reason,
+    }
+    if record.rule is not None:
+        tags[f"{p}rule"] = _compact(record.rule)
+        tags[f"{p}rule_sha256"] = record.rule_sha256
+    if record.rule_frozen_in:
+        tags[f"{p}rule_frozen_in"] = record.rule_frozen_in
+    if record.values is not None:
+        tags[f"{p}values"] = _compact(record.values)
+        tags[f"{p}candidate_run_ids"] = ",".join(record.candidate_run_ids)
+        tags[f"{p}baseline_run_ids"] = ",".join(record.baseline_run_ids)
+    for i, condition in enumerate(record.conditions):
+        tags[f"{p}condition.{i}"] = _compact(condition)
+    if record.backed_by is not None:
+        tags[f"{p}backed_by"] = str(record.backed_by)
+    if record.artifact:
+        tags[f"{p}artifact"] = record.artifact
+    tags[f"{p}decision"] = record.decision  # last: a record is complete once its decision is written
+    cut = " …(cut; see the artifact)"
+    return {k: v if len(v) <= TAG_VALUE_LIMIT else v[: TAG_VALUE_LIMIT - len(cut)] + cut for k, v in tags.items()}
+
+
+def _write_tags(client: Any, name: str, version: str, tags: dict[str, str], already: dict[str, str] | None = None):
+    for key, value in tags.items():
+        if (already or {}).get(key) != value:
+            client.set_model_version_tag(name, version, key, value)
+
+
+def _begin_record(
+    client: Any,
+    model_version: Any,
+    *,
+    kind: str,
+    rule: Rule | None = None,
+    champion_before: str | None,
+    frozen_in: str | None = None,
+) -> DecisionRecord:
+    """Open the next record of the version's series (caller holds the lock): the rule and its hash are written,
+    with decision ``evaluating``, before anything is decided."""
+    name, version, tags = model_version.name, str(model_version.version), model_version.tags
+    if LATEST_TAG not in tags:
+        legacy = _legacy_record(name, version, tags)
+        if legacy is not None:  # a decision from before the series: keep it as record 0, or the mirror overwrites it
+            _write_tags(client, name, version, _record_tags(legacy))
+    index = int(tags.get(LATEST_TAG, "0")) + 1
+    sequence = int(client.get_registered_model(name).tags.get(SEQUENCE_TAG, "0")) + 1
+    client.set_registered_model_tag(name, SEQUENCE_TAG, str(sequence))
+    record = DecisionRecord(
+        model=name,
+        version=version,
+        index=index,
+        seq=sequence,
+        kind=kind,
+        decision="evaluating",
+        at=_now(),
+        by=_who(),
+        champion_before=champion_before,
+        rule=rule_to_dict(rule) if rule is not None else None,
+        rule_sha256=rule_sha256(rule) if rule is not None else "",
+        rule_frozen_in=frozen_in or "",
+    )
+    _write_tags(client, name, version, _opening_tags(record))
+    client.set_model_version_tag(name, version, LATEST_TAG, str(index))
+    return record
+
+
+def _opening_tags(record: DecisionRecord) -> dict[str, str]:
+    """What is written before the evidence is looked at: the record's kind, place, and the rule with its hash."""
+    keep = ("kind", "seq", "rule", "rule_sha256", "rule_frozen_in", "decision")
+    return {k: v for k, v in _record_tags(record).items() if k.rsplit(".", 1)[-1] in keep}
+
+
+def _finish_record(
+    client: Any,
+    record: DecisionRecord,
+    model_version: Any,
+    *,
+    decision: str,
+    reason: str,
+    evidence: Evidence | None = None,
+    outcome: RuleOutcome | None = None,
+    backed_by: int | None = None,
+    latest: dict[str, str] | None = None,
+) -> DecisionRecord:
+    """Write the decision, its evidence and outcome (tags, then the JSON artifact), and the flat latest tags."""
+    opened = _opening_tags(record)
+    metrics = sorted({c["metric"] for c in (record.rule or {}).get("conditions", [])})
+    record = dataclasses.replace(
+        record,
+        decision=decision,
+        passed=None if outcome is None else outcome.passed,
+        reason=reason,
+        values=None if evidence is None else _evidence_values(evidence, metrics),
+        candidate_run_ids=[] if evidence is None else list(evidence.candidate_run_ids),
+        baseline_run_ids=[] if evidence is None else list(evidence.baseline_run_ids),
+        conditions=[] if outcome is None else [_condition_summary(c) for c in outcome.to_dict()["conditions"]],
+        backed_by=backed_by,
+    )
+    record.artifact = _log_record_artifact(client, record, model_version.run_id, evidence, outcome)
+    _write_tags(client, record.model, record.version, _record_tags(record), already=opened)
+    flat = {
+        "metric": ",".join(metrics) or "none",
+        "mode": "none",
+        "margin": "none",
+        "candidate_value": "none",
+        "champion_value": "none",
+        "compared_run_ids": ",".join(record.candidate_run_ids + record.baseline_run_ids),
+        **(latest or {}),
+        "decision": decision,
+        "reason": reason,
+        "champion_version": record.champion_before or "none",
+        "by": record.by,
+        "at": record.at,
+    }
+    flat_tags = {f"{PROMOTION_PREFIX}{k}": flat[k] for k in _LATEST_KEYS}
+    _write_tags(client, record.model, record.version, flat_tags, already=model_version.tags)
+    return record
+
+
+def _evidence_values(evidence: Evidence, metrics: list[str]) -> dict[str, Any]:
+    """The evidence's values of the rule's metrics (the artifact keeps every metric the caller passed)."""
+    full = evidence.to_dict()
+    pick = lambda side: None if side is None else {m: side[m] for m in metrics if m in side}  # noqa: E731
+    return {
+        "candidate": pick(full["candidate"]),
+        "baseline": pick(full["baseline"]),
+        "candidate_label": evidence.candidate_label,
+        "baseline_label": evidence.baseline_label,
+    }
+
+
+def _condition_summary(condition: dict[str, Any]) -> dict[str, Any]:
+    detail = condition["detail"]
+    summary = {k: condition[k] for k in ("condition", "passed", "value", "n", "seeds", "reason")}
+    summary.update(
+        {
+            k: detail[k]
+            for k in ("candidate_mean", "baseline_mean", "test", "alternative", "statistic", "p")
+            if k in detail
+        }
+    )
+    return summary
+
+
+def _log_record_artifact(
+    client: Any, record: DecisionRecord, run_id: str | None, evidence: Evidence | None, outcome: RuleOutcome | None
+) -> str:
+    """Log the whole record as ``promotion/v<version>/decision_<index>.json`` in the version's run; its URI."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return ""
+    path = f"promotion/v{record.version}/decision_{record.index}.json"
+    document = {
+        **dataclasses.asdict(dataclasses.replace(record, artifact="")),
+        "evidence": None if evidence is None else evidence.to_dict(),
+        "outcome": None if outcome is None else outcome.to_dict(),
+    }
+    try:
+        client.log_text(run_id, json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False), path)
+    except (MlflowException, OSError) as e:  # the tags hold the record; the copy is a convenience
+        logger.warning(
+            "decision %d of %s v%s not copied to run %s: %s", record.index, record.model, record.version, run_id, e
+        )
+        return ""
+    return f"runs:/{run_id}/{path}"
+
+
+def _legacy_record(name: str, version: str, tags: dict[str, str]) -> DecisionRecord | None:
+    """A decision written before the series (flat ``promotion.*`` tags only) as record 0."""
+    decision = tags.get("promotion.decision")
+    if decision is None:
+        return None
+    reason = tags.get("promotion.reason", "")
+    if reason == "already champion":
+        decision = "kept"  # the old gate wrote "rejected" for a champion it left in place
+    metric, mode, margin = (tags.get(f"promotion.{k}") for k in ("metric", "mode", "margin"))
+    rule = None
+    if metric and mode in ("max", "min") and margin not in (None, "none"):
+        rule = margin_rule(metric, mode, float(margin))
+    run_ids = [r for r in tags.get("promotion.compared_run_ids", "").split(",") if r]
+    values = None
+    if metric and tags.get("promotion.candidate_value", "none") != "none":
+        champion_value = tags.get("promotion.champion_value", "none")
+        values = {
+            "candidate": {metric: {"best": float(tags["promotion.candidate_value"])}},
+            "baseline": None if champion_value == "none" else {metric: {"best": float(champion_value)}},
+            "candidate_label": f"v{version}",
+            "baseline_label": f"champion v{tags.get('promotion.champion_version', 'none')}",
+        }
+    champion = tags.get("promotion.champion_version", "none")
+    return DecisionRecord(
+        model=name,
+        version=version,
+        index=0,
+        seq=None,
+        kind="gate",
+        decision=decision,
+        passed=None if reason in ("no current champion", "already champion") else decision == "promoted",
+        reason=reason,
+        at=tags.get("promotion.at", ""),
+        by=tags.get("promotion.by", ""),
+        champion_before=None if champion == "none" else champion,
+        rule=rule_to_dict(rule) if rule else None,
+        rule_sha256=rule_sha256(rule) if rule else "",
+        values=values,
+        candidate_run_ids=run_ids[:1],
+        baseline_run_ids=run_ids[1:],
+    )
+
+
+def _read_record(name: str, version: str, tags: dict[str, str], index: int) -> DecisionRecord:
+    p = f"{PROMOTION_PREFIX}{index}."
+    get = lambda key, default="": tags.get(p + key, default)  # noqa: E731
+
+    def loads(key: str) -> Any:
+        text = get(key)
+        try:
+            return json.loads(text) if text else None
+        except ValueError:  # cut at TAG_VALUE_LIMIT: the artifact has it whole
+            return {"cut": text}
+
+    passed = {"true": True, "false": False}.get(get("passed", "none"))
+    champion = get("champion_before", "none")
+    conditions, i = [], 0
+    while p + f"condition.{i}" in tags:
+        conditions.append(loads(f"condition.{i}"))
+        i += 1
+    return DecisionRecord(
+        model=name,
+        version=version,
+        index=index,
+        seq=None if get("seq", "none") == "none" else int(get("seq")),
+        kind=get("kind", "gate"),
+        decision=get("decision", "evaluating"),
+        passed=passed,
+        reason=get("reason"),
+        at=get("at"),
+        by=get("by"),
+        champion_before=None if champion == "none" else champion,
+        rule=loads("rule"),
+        rule_sha256=get("rule_sha256"),
+        rule_frozen_in=get("rule_frozen_in"),
+        values=loads("values"),
+        candidate_run_ids=[r for r in get("candidate_run_ids").split(",") if r],
+        baseline_run_ids=[r for r in get("baseline_run_ids").split(",") if r],
+        conditions=conditions,
+        backed_by=int(get("backed_by")) if get("backed_by") else None,
+        artifact=get("artifact"),
+    )
+
+
+def version_records(model_version: Any) -> list[DecisionRecord]:
+    """Every decision recorded on one ``ModelVersion``, in order (record 0 = a decision from before the series)."""
+    name, version, tags = model_version.name, str(model_version.version), model_version.tags
+    indices = sorted({int(m.group(1)) for key in tags if (m := _RECORD_TAG.match(key))})
+    if not indices:
+        legacy = _legacy_record(name, version, tags)
+        return [legacy] if legacy is not None else []
+    return [_read_record(name, version, tags, i) for i in indices]
+
+
+def _all_versions(client: Any, name: str) -> list[Any]:
+    quoted = name.replace("'", "\\'")
+    versions = client.search_model_versions(f"name='{quoted}'")
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def model_versions(name: str) -> list[Any]:
+    """Every ``ModelVersion`` of ``name`` (with its tags), in version order."""
+    from mlflow import MlflowClient
+
+    return _all_versions(MlflowClient(), name)
+
+
+def decision_history(name: str, version: str | int | None = None) -> list[DecisionRecord]:
+    """Every promotion decision on ``name`` (or on one version of it), in the order they were made."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if version is not None:
+        return version_records(_model_version(client, name, str(version)))
+    records = [r for v in _all_versions(client, name) for r in version_records(v)]
+    return sorted(records, key=lambda r: r.order)
+
+
+def gate_champion(records: list[DecisionRecord]) -> DecisionRecord | None:
+    """The decision that, by the gate's records, put the current champion in place: the model's last decision that
+    moved the alias (promoted, forced or restored). ``records`` in log order."""
+    return next((r for r in reversed(records) if r.decision in MOVES), None)
+
+
+def standing_decision(records: list[DecisionRecord], version: str) -> DecisionRecord | None:
+    """The version's last ``promoted`` decision, unless it has been superseded since: by a decision that moved the
+    champion to another version, or by a later rejection of this version. ``records`` in log order."""
+    standing = None
+    for record in records:
+        if record.version == version and record.decision == "promoted":
+            standing = record
+        elif record.version != version and record.decision in MOVES:
+            standing = None
+        elif record.version == version and record.decision == "rejected":
+            standing = None
+    return standing
+
+
+# -- consistency: what was moved by hand outside the gate, and how to restore it ---------------------------------
+
+
+@dataclasses.dataclass
+class RegistryCheck:
+    """The registry's aliases and stages against the gate's records.
+
+    Attributes:
+        name: registered model name.
+        champion: the version holding the ``champion`` alias.
+        gate_champion: the version the gate's records put there (see :func:`gate_champion`).
+        production: the versions in stage ``Production``.
+        issues: each inconsistency, one line each (empty = consistent).
+        notes: things worth knowing that are not inconsistencies (a forced champion, an unfinished decision).
+    """
+
+    name: str
+    champion: str | None
+    gate_champion: str | None
+    production: list[str]
+    issues: list[str]
+    notes: list[str]
+
+    @property
+    def consistent(self) -> bool:
+        return not self.issues
+
+
+def version_stage(model_version: Any) -> str:
+    """The version's stage (None, Staging, Production, Archived), without MLflow's deprecation warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated; users still read them
+        return model_version.current_stage or "None"
+
+
+def check_registry(name: str) -> RegistryCheck:
+    """Compare the champion alias and the stages of ``name`` with the gate's records; see :class:`RegistryCheck`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    versions = _all_versions(client, name)
+    stages = {str(v.version): version_stage(v) for v in versions}
+    records = sorted([r for v in versions for r in version_records(v)], key=lambda r: r.order)
+    champion = current_champion(name)
+    champion = str(champion.version) if champion is not None else None
+    production = [v for v, stage in stages.items() if stage == "Production"]
+    gate = gate_champion(records)
+    issues: list[str] = []
+    if champion is not None and stages.get(champion) == "Archived":
+        issues.append(f"the champion alias is on v{champion}, which is Archived")
+    elif champion is not None and stages.get(champion) != "Production":
+        issues.append(f"the champion v{champion} is not in stage Production (stage {stages.get(champion)})")
+    issues += [f"stage Production on v{v}, which is not the champion" for v in production if v != champion]
+    if len(production) > 1:
+        issues.append(f"{len(production)} versions in stage Production: {', '.join(f'v{v}' for v in production)}")
+    if champion is not None and not any(r.version == champion and r.decision in MOVES for r in records):
+        issues.append(f"the champion v{champion} has no passed gate decision (the alias was moved outside the gate)")
+    elif champion is not None and gate is not None and gate.version != champion:
+        issues.append(
+            f"the champion alias is on v{champion}, but the gate's records put v{gate.version} there "
+            f"(decision #{gate.index} of v{gate.version}, {gate.decision} at {gate.at})"
+        )
+    if champion is None and gate is not None:
+        issues.append(f"no version holds the champion alias, but the gate's records put v{gate.version} there")
+    notes = [
+        f"v{r.version} decision #{r.index} never finished (promoter died while evaluating; rule frozen at {r.at})"
+        for r in records
+        if r.decision == "evaluating"
+    ]
+    if gate is not None and gate.version == champion and gate.decision == "forced":
+        notes.append(f"the champion v{champion} was forced by {gate.by} at {gate.at}: {gate.reason}")
+    return RegistryCheck(name, champion, gate.version if gate else None, production, issues, notes)
+
+
+def _move_champion(client: Any, name: str, version: str, *, superseding: str | None = None) -> None:
+    """Champion alias and stage Production to ``version``, the previous Production version(s) to Archived."""
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated; users still ask for them
+        client.transition_model_version_stage(name, version, "Production", archive_existing_versions=True)
+    if superseding is not None and superseding != version:
+        client.set_model_version_tag(name, superseding, SUPERSEDED_TAG, version)
+
+
+def promote_by_hand(name: str, version: str | int, *, force: bool = False, reason: str = "") -> DecisionRecord | None:
+    """Make ``version`` champion on a person's request (``avlm registry promote``), recorded as a decision.
+
+    Without ``force`` it must hold a standing ``promoted`` gate decision (:func:`standing_decision`): the command
+    re-applies what the gate decided (e.g. after the alias was moved by hand). With ``force`` it needs a reason,
+    recorded with who and when.
+
+    Returns:
+        The decision written; None when the version already is champion in stage Production (nothing to do).
+
+    Raises:
+        PromotionRefused: no standing passed gate decision (and no ``force``).
+        ConfigError: ``force`` without a reason; no such version.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    version = str(version)
+    if force and not reason.strip():
+        raise ConfigError('a forced promotion needs a reason (--reason "..."), recorded on the version')
+    _model_version(client, name, version)
+    with promotion_lock(name):
+        model_version = client.get_model_version(name, version)
+        records = sorted([r for v in _all_versions(client, name) for r in version_records(v)], key=lambda r: r.order)
+        standing = standing_decision(records, version)
+        champion = current_champion(name)
+        champion_version = str(champion.version) if champion is not None else None
+        if champion_version == version and version_stage(model_version) == "Production":
+            return None
+        if not force and standing is None:
+            last = next((r for r in reversed(records) if r.version == version and r.kind == "gate"), None)
+            why = (
+                f"its last gate decision is #{last.index}, {last.decision}: {last.reason}"
+                if last
+                else ("it has no gate decision at all")
+            )
+            raise PromotionRefused(
+                f"refused: {name} v{version} holds no passed gate decision that still stands ({why}); promote it "
+                'through a gate, or with --force --reason "..."'
+            )
+        record = _begin_record(
+            client, model_version, kind="force" if force else "promote", champion_before=champion_version
+        )
+        if force:
+            decision, text = "forced", f"forced by hand: {reason.strip()}"
+        else:
+            decision, text = "promoted", f"promoted by hand on gate decision #{standing.index} ({standing.reason})"
+        record = _finish_record(
+            client, record, model_version, decision=decision, reason=text, backed_by=None if force else standing.index
+        )
+        _move_champion(client, name, version)
+    logger.info("%s v%s %s by %s", name, version, decision, record.by)
+    return record
+
+
+def rollback(name: str, *, to: str | int | None = None, reason: str = "") -> DecisionRecord | None:
+    """Restore a consistent state through the gate's records, recorded as a ``rollback`` decision (``restored``).
+
+    Without ``to``: the champion alias and stage Production go back to the version the gate's records put there
+    (:func:`gate_champion`: the last decision that promoted, forced or restored a version), undoing what was
+    moved by hand; nothing is written when the registry is consistent already. With ``to`` (and a reason): an
+    earlier champion is reinstated, e.g. to undo a promotion that turned out bad; ``to`` must have been champion
+    through the records (promoted, forced or restored) and not rejected since.
+
+    Returns:
+        The decision written; None when there was nothing to do.
+
+    Raises:
+        PromotionRefused: no gate record to restore from; ``to`` never champion through the records.
+        ConfigError: ``to`` without a reason.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if to is not None and not reason.strip():
+        raise ConfigError('a rollback to a chosen version needs a reason (--reason "..."), recorded on it')
+    with promotion_lock(name):
+        state = check_registry(name)
+        records = decision_history(name)
+        if to is None:
+            gate = gate_champion(records)
+            if gate is None:
+                raise PromotionRefused(f"no decision of the gate ever made a champion of {name}: nothing to restore")
+            if state.consistent:
+                return None
+            target = gate.version
+            text = f"restored the gate's champion v{target} (decision #{gate.index}): " + "; ".join(state.issues)
+        else:
+            target = str(to)
+            _model_version(client, name, target)
+            moves = [r for r in records if r.version == target and r.decision in MOVES]
+            if not moves:
+                raise PromotionRefused(f"refused: {name} v{target} was never champion through the gate's records")
+            since = [r for r in records if r.version == target and r.order > moves[-1].order]
+            rejected = [r for r in since if r.decision == "rejected"]
+            if rejected:
+                raise PromotionRefused(
+                    f"refused: {name} v{target} was rejected by the gate since it was champion (decision "
+                    f"#{rejected[-1].index}: {rejected[-1].reason})"
+                )
+            if state.champion == target and state.consistent:
+                return None
+            text = f"rolled back from v{state.champion or 'none'} to v{target}: {reason.strip()}"
+        model_version = client.get_model_version(name, target)
+        record = _begin_record(client, model_version, kind="rollback", champion_before=state.champion)
+        record = _finish_record(client, record, model_version, decision="restored", reason=text)
+        _move_champion(client, name, target)
+    logger.info("%s: %s", name, text)
+    return record

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import threading
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,34 @@ def run_fit(task: dict[str, Any], cfg: TrainConfig, tmp_path, **kwargs: Any):
     kwargs.setdefault("evaluate", lambda model: {"val/constant": 1.0})
     kwargs.setdefault("run_logger", NullLogger())
     return fit(**task, train_metrics=None, cfg=cfg, seed=0, checkpoint_dir=tmp_path, config_yaml="x: 1\n", **kwargs)
+
+
+def test_accumulated_micro_batches_take_the_steps_of_the_whole_batch(tmp_path):
+    # the gradients of both micro-batches reach the optimizer step: zeroed after it, never between micro-batches
+    whole = TrainConfig(epochs=2, batch_size=16, lr=0.1, monitor="val/constant", patience=0)
+    halves = dataclasses.replace(whole, batch_size=8, grad_accum_steps=2)
+    # one after the other: accelerate's gradient state (the accumulation count) is one per process
+    whole_task = regression_task(whole)
+    whole_state = run_fit(whole_task, whole, tmp_path / "whole")
+    halves_task = regression_task(halves)
+    halves_state = run_fit(halves_task, halves, tmp_path / "halves")
+    assert whole_state.global_step == halves_state.global_step == 8
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(
+            getattr(halves_task["model"], name), getattr(whole_task["model"], name), rtol=1e-5, atol=1e-6
+        )
+    assert all(p.grad is None for p in halves_task["model"].parameters())  # zeroed after the last step
+
+
+def test_the_steps_do_not_ask_for_the_optimizer_signature(tmp_path, monkeypatch):
+    # accelerate's zero_grad inspects the optimizer's signature on every call (~40 us a step): fit asks once an epoch
+    calls: list[int] = []
+    signature = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *args, **kwargs: calls.append(1) or signature(*args, **kwargs))
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.1, monitor="val/constant", patience=0)
+    state = run_fit(regression_task(cfg), cfg, tmp_path)
+    assert state.global_step == 32
+    assert len(calls) <= cfg.epochs
 
 
 def nan_at_step(bad_step: int, calls: list[int]):
