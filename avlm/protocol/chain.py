@@ -688,7 +688,7 @@ def run_chain(spec: ChainSpec, *, workers: int = 1, storage: str = "") -> ChainR
             swept = run_sweep(sweep_spec, workers=workers, storage=storage, parent_run_id=stage_run)
             decision = decide_stage(stage, spec.baseline.name, swept)
             _record(runs, chain.run_id, decision)
-            runs.end_run(stage_run, "FINISHED")
+            runs.set_status(stage_run, "FINISHED")
             stage_run = ""
             result.decisions.append(decision)
             verdict = "passed" if decision.passed else "FAILED"
@@ -703,9 +703,9 @@ def run_chain(spec: ChainSpec, *, workers: int = 1, storage: str = "") -> ChainR
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         if stage_run:
-            runs.end_run(stage_run, status)
+            runs.set_status(stage_run, status)
         runs.set_tags(chain.run_id, {OUTCOME_TAG: "failed", "avlm.chain.error": f"{type(err).__name__}: {err}"})
-        runs.end_run(chain.run_id, status)
+        runs.set_status(chain.run_id, status)
         raise
     final_tags = {OUTCOME_TAG: result.outcome}
     if result.stopped_at:
@@ -716,7 +716,7 @@ def run_chain(spec: ChainSpec, *, workers: int = 1, storage: str = "") -> ChainR
             ", ".join(result.not_run) or "no later stage", "s" if len(result.not_run) == 1 else "",
         )  # fmt: skip
     runs.set_tags(chain.run_id, final_tags)
-    runs.end_run(chain.run_id, "FINISHED")
+    runs.set_status(chain.run_id, "FINISHED")
     return result
 
 

@@ -106,6 +106,7 @@ from avlm.tracking.children import (
     SweepRuns,
     json_text,
 )
+from avlm.tracking.mlflow_logger import absolute_tracking_uri
 
 if TYPE_CHECKING:
     import optuna
@@ -616,13 +617,6 @@ def serialize_sqlite_transactions(storage: optuna.storages.RDBStorage) -> None:
     engine.dispose()  # pooled connections predate the listeners
 
 
-def _absolute_tracking_uri(uri: str) -> str:
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
-
-
 def _safe_name(text: str) -> str:
     """``text`` usable in a file name and a run name (cells are named ``key=value,...``)."""
     return re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", text).strip("_") or "cell"
@@ -699,7 +693,7 @@ class _Sweep:
         self.given_parent = parent_run_id
         self.sha = spec_sha256(spec)
         first = resolved[0].config
-        self.tracking_uri = _absolute_tracking_uri(
+        self.tracking_uri = absolute_tracking_uri(
             resolve_tracking_uri(first.get("tracking", {}).get("tracking_uri", ""))
         )
         self.output_dir = Path(first.get("output_dir", "outputs"))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
+
+from avlm.tracking.children import SweepRuns
 
 ROLE_TAG = "avlm.chain.role"  # chain | stage
 NAME_TAG = "avlm.chain.name"
@@ -92,17 +93,18 @@ class OpenedChainRun:
     launcher_run_id: str | None = None
 
 
-class ChainRuns:
+class ChainRuns(SweepRuns):
     """The chain runs of one tracking store (an MLflow client bound to its URI, which also becomes the fluent API's
-    URI, so that the registry calls of a promotion reach the same store)."""
+    URI, so that the registry calls of a promotion reach the same store). Tags and metrics are written as the
+    sweep's runs are."""
+
+    tag_limit = _TAG_LIMIT
 
     def __init__(self, tracking_uri: str):
         import mlflow
-        from mlflow import MlflowClient
 
         mlflow.set_tracking_uri(tracking_uri)
-        self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
+        super().__init__(tracking_uri)
 
     def of_push(self, push: str) -> list[ChainRunRecord]:
         """Every chain run tagged with ``push``, in every experiment of the store, deleted ones included, oldest
@@ -197,32 +199,6 @@ class ChainRuns:
         )
         return {run.data.tags[STAGE_TAG]: run for run in runs}
 
-    def tags(self, run_id: str) -> dict[str, str]:
-        return dict(self.client.get_run(run_id).data.tags)
-
-    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        """Set tags on a run (values cut to a readable length; the JSON artifacts keep the whole text)."""
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, _cut(str(v))) for k, v in tags.items()]
-        for start in range(0, len(items), 100):  # MLflow takes at most 100 tags per batch
-            self.client.log_batch(run_id, tags=items[start : start + 100])
-
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
-        """Log metrics at step 0 (a decision is one value, not a curve)."""
-        from mlflow.entities import Metric
-
-        timestamp = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()])
-
     def log_dict(self, run_id: str, data: Any, artifact_file: str) -> None:
         """Write ``data`` as the JSON artifact ``artifact_file`` of the run."""
         self.client.log_dict(run_id, data, artifact_file)
-
-    def end_run(self, run_id: str, status: str) -> None:
-        """Set the run's final status (FINISHED, FAILED, KILLED)."""
-        self.client.set_terminated(run_id, status)
-
-
-def _cut(text: str) -> str:
-    return text if len(text) <= _TAG_LIMIT else text[: _TAG_LIMIT - 14] + "...[truncated]"

@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from avlm.tracking.mlflow_logger import MAX_TAG_LENGTH, truncated_text
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -93,6 +95,8 @@ def _retried(call: Callable[[], T], what: str, attempts: int = 5) -> T:
 class SweepRuns:
     """The runs of sweeps in one tracking store (an MLflow client bound to its URI)."""
 
+    tag_limit = MAX_TAG_LENGTH  # MLflow refuses longer tag values
+
     def __init__(self, tracking_uri: str):
         from mlflow import MlflowClient
 
@@ -137,10 +141,12 @@ class SweepRuns:
         return self.client.get_run(run_id).info.status
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        """Set tags on a run, values cut to ``tag_limit`` characters."""
         from mlflow.entities import RunTag
 
-        batch = [RunTag(key, str(value)) for key, value in tags.items()]
-        _retried(lambda: self.client.log_batch(run_id, tags=batch), "set tags")
+        batch = [RunTag(key, truncated_text(str(value), self.tag_limit)) for key, value in tags.items()]
+        for start in range(0, len(batch), 100):  # MLflow takes at most 100 tags per batch
+            _retried(lambda start=start: self.client.log_batch(run_id, tags=batch[start : start + 100]), "set tags")
 
     def set_status(self, run_id: str, status: str) -> None:
         """Mark ``run_id`` RUNNING again, or end it with a terminal status."""

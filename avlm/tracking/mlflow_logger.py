@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _MAX_PARAM_LENGTH = 6000  # MLflow's limits on a param's and a tag's value
-_MAX_TAG_LENGTH = 8000
+MAX_TAG_LENGTH = 8000
 _TRUNCATED = "...[truncated]"
 
 
@@ -118,7 +118,7 @@ class MLflowLogger:
         from mlflow.tracking import MlflowClient
 
         self.run_id = run_id
-        self.tracking_uri = _absolute_uri(tracking_uri or mlflow.get_tracking_uri())
+        self.tracking_uri = absolute_tracking_uri(tracking_uri or mlflow.get_tracking_uri())
         self.client = client if client is not None else MlflowClient(self.tracking_uri)
         run = self.client.get_run(run_id)
         self.artifact_uri = run.info.artifact_uri
@@ -253,7 +253,7 @@ class MLflowLogger:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Queue tags; values longer than MLflow's limit are cut (here, so that recipes need not)."""
-        self._outbox.put("tags", tags={k: _truncated(str(v), _MAX_TAG_LENGTH) for k, v in tags.items()})
+        self._outbox.put("tags", tags={k: truncated_text(str(v), MAX_TAG_LENGTH) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Queue the upload of ``path`` (a file, or a folder as a sub-folder) as it is now (a snapshot)."""
@@ -294,7 +294,7 @@ def default_run_dir(run_id: str) -> Path:
     return Path(tempfile.gettempdir()) / "avlm-runs" / run_id
 
 
-def _truncated(text: str, limit: int) -> str:
+def truncated_text(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - len(_TRUNCATED)] + _TRUNCATED
 
 
@@ -302,10 +302,10 @@ def _param_str(value: Any) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return repr(value)
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return _truncated(text, _MAX_PARAM_LENGTH)
+    return truncated_text(text, _MAX_PARAM_LENGTH)
 
 
-def _absolute_uri(uri: str) -> str:
+def absolute_tracking_uri(uri: str) -> str:
     """A relative sqlite path made absolute, so that a replay from another folder finds the same store."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
