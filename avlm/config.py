@@ -274,10 +274,13 @@ def _sources_of(key: str, origins: Mapping[str, str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: Iterable[str] = ()) -> C:
-    """Load a recipe config: dataclass defaults ← YAML file ← ``key=value`` overrides.
+def load_config(
+    cls: type[C], path: str | Path | None = None, overrides: Iterable[str] = (), *, base: Any | None = None
+) -> C:
+    """Load a recipe config: dataclass defaults ← ``base`` ← YAML file ← ``key=value`` overrides.
 
-    An error about a key names where its value came from: the file, or the override.
+    An error about a key names where its value came from: the file, or the override. ``base`` (a config of
+    type ``cls``) stands for what a derived run inherits, e.g. the config of the checkpoint it starts from.
 
     Raises:
         ConfigError: the file is missing, not a YAML mapping or sets a key twice, a key is unknown, or a value has
@@ -286,6 +289,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Iterabl
     tree = _read_yaml_mapping(Path(path)) if path else {}
     origins: dict[str, str] = {}
     _record_origins(origins, tree, str(path))
+    if base is not None:
+        tree = _deep_merge(config_to_dict(base), tree)
     try:
         for text in overrides:
             key, value = parse_override(text)

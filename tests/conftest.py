@@ -56,3 +56,15 @@ def mlflow_store(tmp_path, monkeypatch, avlm_cache, empty_store_file):
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-tensor tests: on a shared 2-core machine thread hand-offs cost far more
+    than they save (several times slower). Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

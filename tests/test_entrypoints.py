@@ -170,6 +170,52 @@ def test_every_mlproject_parameter_reaches_a_parser_and_its_config_key(
     assert config_value(cfg, demo_data) == ""  # the default config runs on built-in demo data
 
 
+@pytest.mark.parametrize(
+    "name, config_class, samples",
+    [
+        ("scst", "CaptionConfig", {"model": "models:/avlm-caption/3", "samples": "8", "baseline": "greedy"}),
+        ("evaluate_caption", "EvaluateCaptionConfig", {"model": "0" * 32, "split": "val", "snr_db": "[20, 0]"}),
+    ],
+)
+def test_entry_points_that_start_from_a_checkpoint_pass_every_parameter_to_its_config_key(
+    name, config_class, samples, monkeypatch
+):
+    """scst and evaluate_caption read their parent's config from the store: here their loaders are replaced, and
+    each MLproject parameter is checked to reach the parser and to name a real key of the config it builds."""
+    from mlflow.projects._project_spec import load_project
+
+    from avlm import config as avlm_config
+    from avlm.recipes import evaluate_caption
+
+    recipe = caption if name == "scst" else evaluate_caption
+    config_type = getattr(recipe, config_class)
+    module = load_entrypoint(name)
+    entry = load_project(str(REPO)).get_entry_point(name)
+    values = {
+        parameter: samples.get(
+            parameter,
+            SHORTCUT_SAMPLES.get(parameter, {"reward": "spider", "rerank": "true", "num_beams": "4"}.get(parameter)),
+        )
+        for parameter in entry.parameters
+    }
+    argv = shlex.split(entry.compute_command(values, storage_dir=None))
+    argv = argv[argv.index("--") + 1 :] if argv[:3] == ["python", "-m", "avlm.launch"] else argv[1:]
+    script, *script_argv = argv
+    assert script == f"entrypoints/{name}.py"
+    loaded = []
+    loader = "load_scst_config" if name == "scst" else "load_evaluate_caption_config"
+    monkeypatch.setattr(recipe, loader, lambda path, overrides: loaded.append((path, overrides)))
+    monkeypatch.setattr(recipe, "main", lambda cfg: types.SimpleNamespace(run_id=None))
+    with recorded_arguments() as entry_arguments:
+        assert module.main(script_argv) == 0
+    assert loaded == [(values["config"], [f"{key}={values[p]}" for p, key in module.SHORTCUTS.items()])]
+    assert set(entry_arguments) - CLI_ONLY == set(entry.parameters) - LAUNCHER_PARAMETERS
+    for parameter, key in module.SHORTCUTS.items():
+        cfg = avlm_config.load_config(config_type, None, [f"{key}={values[parameter]}"])
+        value = config_value(cfg, key)
+        assert value == yaml.safe_load(values[parameter]) or str(value) == values[parameter], (parameter, key)
+
+
 def config_value(cfg, dotted_key):
     for part in dotted_key.split("."):
         cfg = getattr(cfg, part)
@@ -382,7 +428,7 @@ def test_mlflow_run_train_caption_in_one_and_two_processes(tmp_path, avlm_cache)
     for n, (uri, done) in launches.items():
         client, (run,) = runs_of(uri, "avlm-caption")
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.project.entryPoint"] == "train_caption"
-        assert run.info.run_name == "caption-audio-tiny-lm-tiny-additive-L1_3-seed1"
+        assert run.info.run_name == "caption-audio-tiny-lm-tiny-warm-additive-L1_3-seed1"
         assert_launched_processes(uri, run, n)
         assert len(client.get_metric_history(run.info.run_id, "fusion_gate/layer_3")) == 2
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}

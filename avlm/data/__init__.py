@@ -35,6 +35,7 @@ from avlm.data.manifest import (
 )
 from avlm.data.mixing import mix_clips
 from avlm.data.samplers import EpochSampler, class_balanced_weights
+from avlm.data.splits import check_training_splits
 from avlm.data.video_captions import DEMO_VERSION as VIDEO_CAPTION_DEMO_VERSION
 from avlm.data.video_captions import (
     VIDEO_CAPTION_SPLITS,
@@ -57,6 +58,7 @@ __all__ = [
     "ClipDataset",
     "ClipRecord",
     "EpochSampler",
+    "check_training_splits",
     "class_balanced_weights",
     "ensure_cvs_demo",
     "label_checksum",

@@ -20,7 +20,8 @@ AudioCaps rows are grouped into clips by ``youtube_id`` (train: 1 caption per cl
 order. Real copies miss audio (deleted YouTube videos, failed downloads): missing or unreadable files are named
 in one warning per split and skipped, and a split missing more than ``max_missing_fraction`` of its clips is an
 error. Captions are kept as written (only surrounding whitespace is stripped); normalising case and punctuation
-is the tokenizer's and the metric's job.
+is the tokenizer's and the metric's job. Clotho file names are kept verbatim, surrounding spaces included: some
+official names begin with a space (``' clip.wav'``), so the missing-audio messages quote clip names.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ import soundfile
 import torch
 from scipy.signal import resample_poly
 
-from avlm.data.integrity import content_digests
+from avlm.data.integrity import audio_problems, content_digests
 from avlm.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ def load_audiocaps(
         root: Folder holding ``<split>.csv`` and ``audio/<split>/``.
         splits: Splits to read.
         max_missing_fraction: Largest fraction of a split's clips that may lack readable audio.
-        verify_audio: Open each file's header with soundfile, so empty or non-audio downloads count as missing
-            now rather than failing mid-training. Off: only existence is checked.
+        verify_audio: Decode each file whole (``avlm.data.integrity.audio_problems``; a file decoded once is not
+            decoded again while unchanged), so empty, non-audio, corrupt or NaN-holding downloads count as missing
+            now rather than failing the feature cache or the training. Off: only existence is checked.
 
     Returns:
         Split name → records in the csv's order of first appearance. A clip's file is
@@ -141,7 +143,7 @@ def load_clotho(
         root: Folder holding ``clotho_captions_<split>.csv`` and ``clotho_audio_<split>/``.
         splits: Splits to read.
         max_missing_fraction: Largest fraction of a split's clips that may lack readable audio.
-        verify_audio: Open each file's header with soundfile (see ``load_audiocaps``).
+        verify_audio: Decode each file whole (see ``load_audiocaps``).
 
     Returns:
         Split name → records in csv order, each with its 5 captions in column order.
@@ -156,7 +158,12 @@ def load_clotho(
     for split in (splits,) if isinstance(splits, str) else splits:
         csv_path = root / f"clotho_captions_{split}.csv"
         audio_dir = root / f"clotho_audio_{split}"
-        rows = _read_caption_csv(csv_path, ("file_name", *CLOTHO_CAPTION_COLUMNS), hint=f"splits are {CLOTHO_SPLITS}")
+        rows = _read_caption_csv(
+            csv_path,
+            ("file_name", *CLOTHO_CAPTION_COLUMNS),
+            hint=f"splits are {CLOTHO_SPLITS}",
+            verbatim=("file_name",),  # the name on disk, leading space and all
+        )
         first_line: dict[str, int] = {}
         for line, row in rows:
             if row["file_name"] in first_line:
@@ -347,13 +354,18 @@ def _check_start_time(text: str, csv_path: Path, line: int) -> None:
 
 
 def read_csv_rows(
-    csv_path: Path, hint: str, check_header: Callable[[list[str]], Any] | None = None
+    csv_path: Path,
+    hint: str,
+    check_header: Callable[[list[str]], Any] | None = None,
+    *,
+    verbatim: Collection[str] = (),
 ) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header and (first line number, fields) of every data row of a caption CSV.
 
-    ``check_header`` runs on the header before any row is read. Rows whose field count differs from the
-    header's, text that is not UTF-8, malformed CSV and a file without data rows are DataErrors naming the file
-    (and line). A quoted caption may span lines: a row's line number is where it starts.
+    ``check_header`` runs on the header before any row is read. Fields are stripped of surrounding whitespace,
+    except in the columns named in ``verbatim`` (file names, which may begin with a space). Rows whose field count
+    differs from the header's, text that is not UTF-8, malformed CSV and a file without data rows are DataErrors
+    naming the file (and line). A quoted caption may span lines: a row's line number is where it starts.
     """
     if not csv_path.is_file():
         raise DataError(f"caption file {csv_path} does not exist ({hint})")
@@ -365,6 +377,7 @@ def read_csv_rows(
             header = [name.strip() for name in next(reader, [])]
             if check_header is not None:
                 check_header(header)
+            kept = [name in verbatim for name in header]
             line = reader.line_num + 1
             for fields in reader:
                 start, line = line, reader.line_num + 1
@@ -375,7 +388,9 @@ def read_csv_rows(
                         f"{csv_path}, line {start}: row has {len(fields)} fields but the header has {len(header)} "
                         f"(a caption with an unquoted comma?)"
                     )
-                rows.append((start, [field.strip() for field in fields]))
+                rows.append(
+                    (start, [field if keep else field.strip() for field, keep in zip(fields, kept, strict=True)])
+                )
     except UnicodeDecodeError as exc:
         raise DataError(f"caption file {csv_path} is not UTF-8 text: {exc}") from exc
     except csv.Error as exc:
@@ -385,20 +400,23 @@ def read_csv_rows(
     return header, rows
 
 
-def _read_caption_csv(csv_path: Path, columns: Sequence[str], hint: str) -> list[tuple[int, dict[str, str]]]:
-    """Return (first line number, row) for each data row, with every required column present and non-empty."""
+def _read_caption_csv(
+    csv_path: Path, columns: Sequence[str], hint: str, verbatim: Collection[str] = ()
+) -> list[tuple[int, dict[str, str]]]:
+    """Return (first line number, row) for each data row, with every required column present and not blank; the
+    ``verbatim`` columns keep their surrounding whitespace."""
 
     def check_header(header: list[str]) -> None:
         missing = [c for c in columns if c not in header]
         if missing:
             raise DataError(f"{csv_path}: header {header} lacks column(s) {missing}; expected {list(columns)}")
 
-    header, rows = read_csv_rows(csv_path, hint, check_header)
+    header, rows = read_csv_rows(csv_path, hint, check_header, verbatim=verbatim)
     position = {c: header.index(c) for c in columns}
     result = []
     for start, fields in rows:
         row = {c: fields[position[c]] for c in columns}
-        empty = [c for c in columns if not row[c]]
+        empty = [c for c in columns if not row[c].strip()]
         if empty:
             raise DataError(f"{csv_path}, line {start}: empty {', '.join(empty)}")
         result.append((start, row))
@@ -434,12 +452,13 @@ def _keep_readable(
     whole folder of wrongly named files looks like missing audio.
     """
     records, problems = [], []
+    broken = audio_problems((path for _, path, _ in entries if path is not None), name) if verify_audio else {}
     for clip_id, path, captions in entries:
-        problem = "missing" if path is None else (_audio_problem(path) if verify_audio else None)
+        problem = "missing" if path is None else (f"unreadable: {broken[path]}" if path in broken else None)
         if problem is None:
             records.append(AudioCaptionRecord(clip_id, str(path), captions, split))
         else:
-            problems.append(f"{clip_id} ({problem})")
+            problems.append(f"{clip_id!r} ({problem})")
     if problems:
         fraction = len(problems) / len(entries)
         named = ", ".join(problems[:_NAMED_IN_WARNING])
@@ -466,15 +485,6 @@ def _keep_readable(
         len(problems),
     )
     return records
-
-
-def _audio_problem(path: str) -> str | None:
-    """Return why the file's header cannot be read, or None when it can."""
-    try:
-        info = soundfile.info(path)
-    except (soundfile.SoundFileError, OSError, ValueError, TypeError) as exc:
-        return f"unreadable: {exc}"
-    return "unreadable: no samples" if info.frames == 0 else None
 
 
 def _warn_shared_clips(dataset: str, result: dict[str, list[AudioCaptionRecord]]) -> None:

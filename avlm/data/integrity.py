@@ -3,12 +3,14 @@
 A feature cache keyed on frame names reuses the tokens of another folder with the same names, or of a frame
 rewritten in place; keyed on each file's content (sha256 of its bytes) it cannot, and the key stays the same for
 the same data on every machine, so it also serves as run provenance. A frame that does not decode (a truncated
-JPEG) is found by the readers before training and named.
+JPEG), or an audio file that does not (a corrupt body behind a good header, NaN samples), is found by the readers
+before any run exists and named, rather than failing the feature cache or the training halfway.
 
 Cost: the first time a file is seen it is read once; the decode check reads it anyway, and sha256 of the bytes
 costs a small fraction of a JPEG decode. What is learnt is recorded in ``file_checks.sqlite`` in
 ``default_cache_dir()``, per resolved path with the file's size, ``mtime_ns`` and ``ctime_ns``; a file whose stat
-still matches is not read again, so a second pass over unchanged data costs one ``stat`` per file. ``ctime_ns``
+still matches is not read again, so a second pass over unchanged data costs one ``stat`` per file. What a file
+was decoded as (image or audio) is recorded with it, so one kind's check never vouches for the other. ``ctime_ns``
 is there because ``cp -p``, ``rsync -a`` and ``tar`` restore ``mtime``, so a replaced file of the same size would
 otherwise pass, while only the kernel sets ``ctime``. sqlite rather than a JSON file because several processes
 (ranks, parallel runs) record at once and sqlite serialises their writes. The record is only a memo: an
@@ -23,10 +25,12 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
+import soundfile
 from PIL import Image, UnidentifiedImageError
 from tqdm.contrib.concurrent import thread_map
 
@@ -45,6 +49,8 @@ _WORKERS = min(8, os.cpu_count() or 1)
 
 Signature = tuple[int, int, int]  # (size, mtime_ns, ctime_ns)
 Outcome = tuple[str | None, str | None]  # (sha256 of the bytes or None if unreadable, problem or None)
+# The ledger's ``decodes`` column: 0 = only hashed, else the kind the file decodes as.
+_IMAGE, _AUDIO = 1, 2
 
 
 def content_digests(paths: Iterable[str]) -> dict[str, str]:
@@ -56,7 +62,7 @@ def content_digests(paths: Iterable[str]) -> dict[str, str]:
     Raises:
         DataError: A file is missing or unreadable (named).
     """
-    outcomes = _inspect(paths, decode=False, desc="hashing data files")
+    outcomes = _inspect(paths, kind=None, desc="hashing data files")
     problems = {path: problem for path, (_, problem) in outcomes.items() if problem}
     if problems:
         named = "; ".join(f"{path}: {problem}" for path, problem in list(problems.items())[:_NAMED_IN_ERROR])
@@ -77,7 +83,27 @@ def frame_problems(paths: Iterable[str], what: str) -> dict[str, str]:
     Returns:
         The files that are missing, unreadable or do not decode, each with the reason; empty when all decode.
     """
-    outcomes = _inspect(paths, decode=True, desc=f"checking frames of {what}")
+    outcomes = _inspect(paths, kind=_IMAGE, desc=f"checking frames of {what}")
+    return {path: problem for path, (_, problem) in outcomes.items() if problem}
+
+
+def audio_problems(paths: Iterable[str], what: str) -> dict[str, str]:
+    """Decode every audio file not yet known to decode (all its samples, with soundfile); return path → why not.
+
+    A header that soundfile reads is not enough: a download cut or corrupted after its header, or a float file
+    holding NaN, passes ``soundfile.info`` and fails only when the feature cache or the training loads it. Files
+    that decode, with at least one sample and only finite values, are recorded as ``frame_problems`` records
+    frames, so a later pass does not decode them again.
+
+    Args:
+        paths: Audio files (anything libsndfile reads), in any order, repeats allowed.
+        what: What the files belong to, for the progress bar and the log line.
+
+    Returns:
+        The files that are missing, unreadable, do not decode, have no samples or hold non-finite samples, each
+        with the reason; empty when all decode.
+    """
+    outcomes = _inspect(paths, kind=_AUDIO, desc=f"checking audio of {what}")
     return {path: problem for path, (_, problem) in outcomes.items() if problem}
 
 
@@ -108,8 +134,9 @@ def decode_image(data: bytes) -> None:
         image.load()
 
 
-def _inspect(paths: Iterable[str], *, decode: bool, desc: str) -> dict[str, Outcome]:
-    """Return path → outcome, reading (and decoding, if asked) only the files the record does not vouch for."""
+def _inspect(paths: Iterable[str], *, kind: int | None, desc: str) -> dict[str, Outcome]:
+    """Return path → outcome, reading (and decoding as ``kind``, if given) only the files the record does not vouch
+    for."""
     outcomes: dict[str, Outcome] = {}
     resolved: dict[str, str] = {}
     signatures: dict[str, Signature] = {}
@@ -130,10 +157,10 @@ def _inspect(paths: Iterable[str], *, decode: bool, desc: str) -> dict[str, Outc
         signatures[real] = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     ledger = _Ledger(default_cache_dir() / LEDGER_NAME)
     known = ledger.lookup(signatures)
-    todo = [real for real in signatures if real not in known or (decode and not known[real][1])]
+    todo = [real for real in signatures if real not in known or (kind is not None and known[real][1] != kind)]
     start = time.perf_counter()
     fresh = thread_map(
-        lambda real: _read_and_check(real, decode),
+        lambda real: _read_and_check(real, kind),
         todo,
         max_workers=_WORKERS,
         desc=desc,
@@ -144,7 +171,7 @@ def _inspect(paths: Iterable[str], *, decode: bool, desc: str) -> dict[str, Outc
     checked = dict(zip(todo, fresh, strict=True))
     ledger.remember(
         [
-            (real, signatures[real], digest, decode and problem is None)
+            (real, signatures[real], digest, kind if kind is not None and problem is None else 0)
             for real, (digest, problem) in checked.items()
             if digest is not None
         ]
@@ -164,31 +191,50 @@ def _inspect(paths: Iterable[str], *, decode: bool, desc: str) -> dict[str, Outc
     return outcomes
 
 
-def _read_and_check(real: str, decode: bool) -> Outcome:
+def _read_and_check(real: str, kind: int | None) -> Outcome:
     try:
         data = Path(real).read_bytes()
     except OSError as exc:
         return None, f"cannot be read: {exc.strerror or exc}"
     digest = hashlib.sha256(data).hexdigest()
-    if decode:
-        try:
-            decode_image(data)
-        except UnidentifiedImageError:
-            return digest, "not an image (unknown format, or its header is cut off)"
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return digest, f"does not decode: {exc}"
-    return digest, None
+    return digest, _PROBLEM_OF[kind](data) if kind is not None else None
+
+
+def _image_problem(data: bytes) -> str | None:
+    try:
+        decode_image(data)
+    except UnidentifiedImageError:
+        return "not an image (unknown format, or its header is cut off)"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return f"does not decode: {exc}"
+    return None
+
+
+def _audio_problem(data: bytes) -> str | None:
+    try:
+        samples, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (soundfile.SoundFileError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        return f"does not decode: {exc}"
+    if samples.shape[0] == 0:
+        return "no samples"
+    if not np.isfinite(samples).all():
+        return "holds NaN or infinite samples"
+    return None
+
+
+_PROBLEM_OF: dict[int, Callable[[bytes], str | None]] = {_IMAGE: _image_problem, _AUDIO: _audio_problem}
 
 
 class _Ledger:
-    """The sqlite record of files read: resolved path → stat signature, content digest, whether it decodes."""
+    """The sqlite record of files read: resolved path → stat signature, content digest, what it decodes as."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def lookup(self, signatures: Mapping[str, Signature]) -> dict[str, tuple[str, bool]]:
-        """Return resolved path → (sha256, decodes) for the files whose recorded signature still matches."""
-        found: dict[str, tuple[str, bool]] = {}
+    def lookup(self, signatures: Mapping[str, Signature]) -> dict[str, tuple[str, int]]:
+        """Return resolved path → (sha256, kind it decodes as, 0 if only hashed) for the files whose recorded
+        signature still matches."""
+        found: dict[str, tuple[str, int]] = {}
         reals = list(signatures)
         try:
             with closing(self._connect()) as db:
@@ -201,14 +247,14 @@ class _Ledger:
                     )
                     for real, size, mtime_ns, ctime_ns, digest, decodes in rows:
                         if (size, mtime_ns, ctime_ns) == signatures[real]:
-                            found[real] = (digest, bool(decodes))
+                            found[real] = (digest, int(decodes))
         except (sqlite3.Error, OSError) as exc:
             logger.warning("file check record %s unusable (%s); reading every file", self.path, exc)
             return {}
         return found
 
-    def remember(self, rows: list[tuple[str, Signature, str, bool]]) -> None:
-        """Record (resolved path, signature, sha256, decodes) rows, replacing what was known of those paths."""
+    def remember(self, rows: list[tuple[str, Signature, str, int]]) -> None:
+        """Record (resolved path, signature, sha256, decodes-as kind) rows, replacing what was known of those paths."""
         if not rows:
             return
         try:

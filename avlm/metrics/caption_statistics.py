@@ -33,7 +33,7 @@ from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.meteor.meteor import Meteor
 
 from avlm.errors import AvlmError
-from avlm.metrics.captioning import BLEU_NAMES, _check_items, _ClosableMeteor, _ptb_tokenize
+from avlm.metrics.captioning import BLEU_NAMES, _ClosableMeteor, check_caption_items, ptb_tokenize
 from avlm.stats import BLEU_STAT_FIELDS, METEOR_STAT_FIELDS, CorpusBleu, CorpusMeteor
 
 _METEOR_LINES_PER_WRITE = 100
@@ -134,10 +134,10 @@ def tokenized_captions(
             string.
         AvlmError: no Java runtime on PATH.
     """
-    item_ids = _check_items(predictions, references)
+    item_ids = check_caption_items(predictions, references)
     if shutil.which("java") is None:
         raise AvlmError("no 'java' on PATH: the PTB tokenizer and METEOR need a Java runtime")
-    gts, res = _ptb_tokenize([list(references[i]) for i in item_ids], [predictions[i] for i in item_ids])
+    gts, res = ptb_tokenize([list(references[i]) for i in item_ids], [predictions[i] for i in item_ids])
     return item_ids, gts, res
 
 

@@ -237,14 +237,14 @@ class CaptionScorer:
                 not a string (the message names the ids).
             AvlmError: no Java runtime on PATH, or METEOR's Java process failed.
         """
-        item_ids = _check_items(predictions, references)
+        item_ids = check_caption_items(predictions, references)
         if shutil.which("java") is None:
             raise AvlmError(
                 "no 'java' on PATH: pycocoevalcap's PTB tokenizer and METEOR need a Java runtime "
                 "(e.g. apt-get install default-jre-headless)"
             )
         # Scorers see items by position: hashable ids of any type, and JSON-safe keys for SPICE.
-        gts, res = _ptb_tokenize([list(references[i]) for i in item_ids], [predictions[i] for i in item_ids])
+        gts, res = ptb_tokenize([list(references[i]) for i in item_ids], [predictions[i] for i in item_ids])
 
         per_item: dict[str, list[float]] = {}
         corpus: dict[str, float] = {}
@@ -337,6 +337,27 @@ def spice_unavailable_reason(spice: SpiceConfig | bool = True) -> str | None:
     return None
 
 
+def spice_item_scores(
+    candidates: Sequence[str], references: Sequence[Sequence[str]], spice: SpiceConfig | bool = True
+) -> list[float]:
+    """SPICE F-score of each candidate against its references, for text the caller has already tokenised
+    (lowercase, space-separated, as :func:`normalize_caption` leaves it): no PTB tokenizer run, e.g. for an
+    SCST reward.
+
+    Raises:
+        AvlmError: SPICE cannot run (the reason, as :func:`spice_unavailable_reason` gives it).
+    """
+    config = _as_spice_config(spice)
+    if config is None:
+        raise AvlmError("SPICE was not requested (spice=False)")
+    gts = {i: list(refs) for i, refs in enumerate(references)}
+    res = {i: [candidate] for i, candidate in enumerate(candidates)}
+    try:
+        return _run_spice(gts, res, config)
+    except _SpiceUnavailable as unavailable:
+        raise AvlmError(f"SPICE cannot run: {unavailable}") from None
+
+
 def caption_metrics_for_logging(scores: CaptionScores, prefix: str = "val/") -> dict[str, float]:
     """Corpus scores as flat metric names for the run logger, e.g. ``val/BLEU_4``, ``val/CIDEr_D``, ``val/SPIDEr``.
 
@@ -381,7 +402,7 @@ class _ClosableMeteor(Meteor):
         self.close()
 
 
-def _check_items(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> list:
+def check_caption_items(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> list:
     """Return the item ids in prediction order, or raise DataError naming the ids that do not fit."""
     if not predictions:
         raise DataError("no predictions to score")
@@ -420,7 +441,7 @@ def _name_ids(ids: Sequence[Hashable], shown: int = 10) -> str:
     return named + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
-def _ptb_tokenize(
+def ptb_tokenize(
     references: Sequence[Sequence[str]], predictions: Sequence[str]
 ) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     """PTB-tokenise references and predictions in one JVM run; return (gts, res) keyed by item position."""

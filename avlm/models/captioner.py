@@ -22,7 +22,8 @@ The source modality is one config switch (``model.encoder``), with no other chan
   :mod:`avlm.models.backbones` on (B, T, C, H, W) frames, yielding (B, N, D) tokens.
 
 The LM (``model.lm``) is ``lm-tiny`` (a 4-layer GPT-2 with random weights and the vocabulary of a tokenizer
-built offline from captions, :func:`build_caption_tokenizer`) or ``hf:<id or path>``
+built offline from captions, :func:`build_caption_tokenizer`), ``lm-tiny-warm`` (the same after a brief text-only
+warm-up on the caption demo's grammar, cached on disk: :mod:`avlm.models.lm_warmup`) or ``hf:<id or path>``
 (``AutoModelForCausalLM.from_pretrained``, GPT-2 and Llama families, and any model whose decoder layers
 :func:`~avlm.models.fusion.find_decoder_layers` finds).
 
@@ -85,7 +86,7 @@ AUDIO_SAMPLING_RATE = 16_000
 _ENCODER_SPEC_HELP = (
     "use audio-tiny, hf:<hf id or path> (audio), or a video backbone: vjepa2-tiny, vjepa2:<id>, timm-tiny, timm:<name>"
 )
-_LM_SPEC_HELP = "use lm-tiny or hf:<hf id or path>"
+_LM_SPEC_HELP = "use lm-tiny, lm-tiny-warm or hf:<hf id or path>"
 
 # The tiny WavLM: 4 conv layers with a total stride of 320 samples (one token per 20 ms, like the real ones),
 # width 32, 2 transformer layers of 2 heads: a few ms per second of audio on CPU.
@@ -119,7 +120,7 @@ class CaptionModelConfig:
         encoder: audio-tiny | hf:<HF id or local path> (audio) | vjepa2-tiny | vjepa2:<id> | timm-tiny |
             timm:<model name> (video). The only switch between modalities.
         num_frames: clip length T for a video encoder (ignored for audio).
-        lm: lm-tiny | hf:<HF id or local path> of an ``AutoModelForCausalLM``.
+        lm: lm-tiny | lm-tiny-warm | hf:<HF id or local path> of an ``AutoModelForCausalLM``.
         init_seed: seed of the random-init tiny encoder / LM, so a checkpoint rebuilds the same frozen parts.
         fusion: additive | cross_attention | concat | partial_unfreeze | data_only (see the module docstring).
         fusion_layers: 0-based decoder layers whose output hidden states receive the source (layer modes).
@@ -384,7 +385,8 @@ def load_caption_tokenizer(spec: str, texts: Iterable[str] | None = None) -> Any
     """The tokenizer that goes with an LM spec.
 
     Args:
-        spec: ``lm-tiny`` (built from ``texts`` with :func:`build_caption_tokenizer`) or ``hf:<id or path>``
+        spec: ``lm-tiny`` or ``lm-tiny-warm`` (built from ``texts`` with :func:`build_caption_tokenizer`) or
+            ``hf:<id or path>``
             (``AutoTokenizer.from_pretrained``; a missing pad token is set to the eos token, as for GPT-2).
         texts: the captions to build the ``lm-tiny`` vocabulary from.
 
@@ -392,12 +394,12 @@ def load_caption_tokenizer(spec: str, texts: Iterable[str] | None = None) -> Any
         The tokenizer.
 
     Raises:
-        ConfigError: ``lm-tiny`` without texts.
+        ConfigError: ``lm-tiny`` or ``lm-tiny-warm`` without texts.
         ModelError: unknown spec, unloadable tokenizer, or one without an eos token.
     """
-    if spec == "lm-tiny":
+    if spec in ("lm-tiny", "lm-tiny-warm"):
         if texts is None:
-            raise ConfigError("lm 'lm-tiny' builds its vocabulary from captions: pass texts")
+            raise ConfigError(f"lm '{spec}' builds its vocabulary from captions: pass texts")
         return build_caption_tokenizer(texts)
     if not (spec.startswith("hf:") and spec[len("hf:") :]):
         raise ModelError(f"unknown lm '{spec}': {_LM_SPEC_HELP}")
@@ -416,7 +418,7 @@ def load_caption_tokenizer(spec: str, texts: Iterable[str] | None = None) -> Any
     return tokenizer
 
 
-def _start_token_id(tokenizer: Any) -> int:
+def start_token_id(tokenizer: Any) -> int:
     # Some LMs (Qwen) have no bos token; GPT-2 style, the eos token then starts a sequence.
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
@@ -437,7 +439,7 @@ def encode_captions(tokenizer: Any, captions: Sequence[str], *, max_length: int)
     """
     if max_length < 3:
         raise ConfigError(f"max_length={max_length} must be at least 3 (bos, a token, eos)")
-    start, end, pad = _start_token_id(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id
+    start, end, pad = start_token_id(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id
     encoded = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
     rows = [[start, *ids[: max_length - 2], end] for ids in encoded]
     length = max(len(row) for row in rows)
@@ -458,9 +460,13 @@ def build_causal_lm(spec: str, tokenizer: Any, *, init_seed: int = 0) -> nn.Modu
 
     Args:
         spec: ``lm-tiny`` (GPT-2, 4 layers, width 64, 4 heads, random weights, the tokenizer's vocabulary) or
-            ``hf:<HF id or local path>`` (``AutoModelForCausalLM.from_pretrained``, float32).
+            ``lm-tiny-warm`` (``lm-tiny`` after a few hundred steps of text-only training on the caption demo's
+            grammar, :func:`~avlm.models.lm_warmup.build_warm_lm`; trained once per vocabulary and seed, then
+            read from the avlm cache dir) or ``hf:<HF id or local path>`` (``AutoModelForCausalLM.from_pretrained``,
+            float32).
         tokenizer: the LM's tokenizer (sets the tiny vocabulary and the special token ids).
-        init_seed: seed of the ``lm-tiny`` initialisation; the caller's RNG is left untouched.
+        init_seed: seed of the ``lm-tiny`` initialisation (and of the warm-up's batch order); the caller's RNG is
+            left untouched.
 
     Returns:
         The LM in eval mode.
@@ -474,12 +480,16 @@ def build_causal_lm(spec: str, tokenizer: Any, *, init_seed: int = 0) -> nn.Modu
         config = GPT2Config(
             **_LM_TINY_CONFIG,
             vocab_size=len(tokenizer),
-            bos_token_id=_start_token_id(tokenizer),
+            bos_token_id=start_token_id(tokenizer),
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
         with _seeded(init_seed):
             lm = GPT2LMHeadModel(config)
+    elif spec == "lm-tiny-warm":
+        from avlm.models.lm_warmup import build_warm_lm
+
+        lm = build_warm_lm(tokenizer, init_seed=init_seed)
     elif spec.startswith("hf:") and spec[len("hf:") :]:
         source = spec[len("hf:") :]
         try:
@@ -760,13 +770,40 @@ class FusionCaptioner(nn.Module):
         Returns:
             A scalar; 0 for a batch of one.
         """
+        source, caption = self._contrastive_embeddings(source_tokens, input_ids, attention_mask)
+        similarity = source @ caption.T / self.config.temperature
+        targets = torch.arange(similarity.shape[0], device=similarity.device)
+        return (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.T, targets)) / 2
+
+    def text_source_similarity(
+        self, source_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Cosine similarity of every source to every caption in the space of :meth:`contrastive_loss`.
+
+        These are the InfoNCE's logits times its temperature, so they mean something once the projector has
+        trained with ``contrastive_weight > 0``; :func:`avlm.rerank.contrastive_similarity` reranks N-best lists
+        by them.
+
+        Args:
+            source_tokens: (B, K, d) from :meth:`source_tokens`.
+            input_ids: (C, L) caption ids, any C (e.g. the N-best lists of the B sources, flattened).
+            attention_mask: (C, L), 0 on padding.
+
+        Returns:
+            (B, C) float32 similarities in [-1, 1].
+        """
+        source, caption = self._contrastive_embeddings(source_tokens, input_ids, attention_mask)
+        return source @ caption.T
+
+    def _contrastive_embeddings(
+        self, source_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-norm mean source token (B, d) and unit-norm mean input embedding of each caption (C, d)."""
         mask = attention_mask.unsqueeze(-1).float()
         embeddings = self.lm.get_input_embeddings()(input_ids).float()
         caption = F.normalize((embeddings * mask).sum(1) / mask.sum(1).clamp_min(1.0), dim=-1)
         source = F.normalize(source_tokens.float().mean(1), dim=-1)
-        similarity = source @ caption.T / self.config.temperature
-        targets = torch.arange(similarity.shape[0], device=similarity.device)
-        return (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.T, targets)) / 2
+        return source, caption
 
     def fusion_gate_penalty(self) -> torch.Tensor:
         """``fusion_gate_l2 · Σ_l alpha_l²`` over the additive adapters; a zero tensor in the other modes."""
@@ -811,7 +848,7 @@ class FusionCaptioner(nn.Module):
             New token ids and decoded captions.
         """
         tokens = self.source_tokens(source, source_features)
-        prompt = torch.full((tokens.shape[0], 1), _start_token_id(self.tokenizer), device=tokens.device)
+        prompt = torch.full((tokens.shape[0], 1), start_token_id(self.tokenizer), device=tokens.device)
         kwargs = {
             "max_new_tokens": max_new_tokens,
             "num_beams": num_beams,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from avlm.data import (
     VideoCaptionRecord,
     audio_manifest_hash,
     caption_reference_hash,
+    check_training_splits,
     collate_audio_captions,
     collate_video_captions,
     default_cache_dir,
@@ -74,7 +76,11 @@ from avlm.models import (
     parameter_groups,
     params_ratio,
 )
+from avlm.rerank import NBestReport, RerankConfig, Reranker, nbest_metrics
+from avlm.retention import RetentionConfig, RetentionResult, load_retention_items, retention_verdict, score_retention
+from avlm.scst import ScstConfig, ScstObjective
 from avlm.tracking import TrackingConfig, plots, record_run_start
+from avlm.tracking.model_source import CheckpointSource, fetch_checkpoint
 from avlm.tracking.registry import RegistryConfig
 from avlm.train import (
     LoopState,
@@ -82,6 +88,7 @@ from avlm.train import (
     TrainConfig,
     build_optimizer,
     build_scheduler,
+    distributed_state,
     load_trainable,
     open_run,
     optimizer_steps_per_epoch,
@@ -156,11 +163,15 @@ class DecodingConfig:
         num_beams: beam width (1 = greedy).
         max_new_tokens: longest generated caption, in tokens.
         batch_size: clips per generate call.
+        rerank: keep beam search's N-best (N = num_beams) and rerank it (``avlm.rerank``); every evaluation then
+            also logs the reranked metrics, CIDEr-D-max / SPIDEr-max and self-BLEU, and the decoding-vs-reranking
+            table.
     """
 
     num_beams: int = 5
     max_new_tokens: int = 20
     batch_size: int = 32
+    rerank: RerankConfig = dataclasses.field(default_factory=RerankConfig)
 
     def __post_init__(self) -> None:
         for key in ("num_beams", "max_new_tokens", "batch_size"):
@@ -211,12 +222,26 @@ class CaptionConfig:
     registry: RegistryConfig = dataclasses.field(
         default_factory=lambda: RegistryConfig(name="avlm-caption", promote_metric="val/SPIDEr")
     )
+    scst: ScstConfig = dataclasses.field(default_factory=ScstConfig)
+    retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
     effective_batch: int = 0  # target sequences per optimizer step via accumulation; 0 = train.grad_accum_steps
     seed: int = 1
     output_dir: str = "outputs"
     resume: str = ""
 
     def __post_init__(self) -> None:
+        rerank = self.decoding.rerank
+        if (
+            rerank.enabled
+            and rerank.similarity == "contrastive"
+            and rerank.similarity_weight
+            and not (self.model.contrastive_weight > 0)
+        ):
+            raise ConfigError(
+                "config key 'decoding.rerank.similarity' = 'contrastive' needs a captioner trained with "
+                "model.contrastive_weight > 0 (its projection is untrained otherwise); use similarity 'clap' or "
+                "decoding.rerank.similarity_weight=0 (consensus only)"
+            )
         if self.effective_batch < 0:
             raise ConfigError(f"config key 'effective_batch' must be >= 0, got {self.effective_batch}")
         if self.effective_batch and self.effective_batch % self.train.batch_size:
@@ -241,6 +266,7 @@ class CaptionResult:
     output_dir: Path
     model_version: str | None = None
     promoted: bool = False
+    scst: CaptionResult | None = None  # the SCST run ``scst.after_plateau`` started from this one
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,6 +378,111 @@ class CaptionSamples(torch.utils.data.Dataset):
         return {"source": source, "caption": self.records[clip].captions[caption], "clip": clip}
 
 
+@dataclasses.dataclass
+class DecodedSplit:
+    """A split's generated captions by clip position: the top beam, and with reranking the N-best lists (best beam
+    first) and the reranked picks."""
+
+    top: dict[int, str]
+    nbest: dict[int, list[str]] | None = None
+    reranked: dict[int, str] | None = None
+
+
+@dataclasses.dataclass
+class SplitScores:
+    """The scores of a decoded split: the top beam's (what ``val/<metric>`` means), and the N-best report."""
+
+    top: CaptionScores
+    nbest: NBestReport | None = None
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """Flat metric names: ``<prefix>CIDEr_D``, ``<prefix>rerank/CIDEr_D``, ``<prefix>CIDEr_D_max``, …"""
+        metrics = caption_metrics_for_logging(self.top, prefix=prefix)
+        if self.nbest is not None:
+            metrics.update({f"{prefix}{name}": value for name, value in self.nbest.metrics.items()})
+        return metrics
+
+
+@torch.no_grad()
+def decode_split(
+    net: FusionCaptioner,
+    loader: Any,
+    decoding: DecodingConfig,
+    source_inputs: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    accelerator: Any = None,
+    reranker: Reranker | None = None,
+    max_caption_tokens: int = 0,
+    waveforms: Callable[[list[int]], list[Any]] | None = None,
+    sample_rate: int = 0,
+) -> DecodedSplit:
+    """Caption every clip of ``loader`` with beam search; with a reranker, keep the N-best and rerank it.
+
+    Every process captions its share of the clips; the captions of all of them come back on every process.
+
+    Args:
+        net: the unwrapped captioner.
+        loader: yields batches with ``clip`` positions and the source.
+        decoding: beam width, caption length.
+        source_inputs: batch -> ``source`` / ``source_features`` keyword arguments.
+        accelerator: gathers the processes' captions (None = one process).
+        reranker: reranks the N-best lists (None = top beam only).
+        max_caption_tokens: tokenised length for the contrastive similarity.
+        waveforms: clip positions -> their raw clips (CLAP similarity).
+        sample_rate: the clips' rate.
+    """
+    rows: list[tuple[int, str, list[str] | None, str | None]] = []
+    keep = decoding.num_beams if reranker is not None else 1
+    for batch in loader:
+        sources = source_inputs(batch)
+        generated = net.generate(
+            **sources,
+            num_beams=decoding.num_beams,
+            max_new_tokens=decoding.max_new_tokens,
+            num_return_sequences=keep,
+        )
+        clips = batch["clip"].tolist()
+        lists = [generated.texts[i * keep : (i + 1) * keep] for i in range(len(clips))]
+        picks: list[str | None] = [None] * len(clips)
+        if reranker is not None:
+            similarity = reranker.similarities(
+                net,
+                net.source_tokens(**sources),
+                lists,
+                max_length=max_caption_tokens,
+                waveforms=waveforms(clips) if waveforms is not None else None,
+                sample_rate=sample_rate,
+            )
+            nbest = dict(zip(clips, lists, strict=True))
+            picked = reranker(nbest, dict(zip(clips, similarity, strict=True)) if similarity is not None else None)
+            picks = [picked[clip] for clip in clips]
+        rows.extend(
+            (clip, texts[0], texts if reranker is not None else None, pick)
+            for clip, texts, pick in zip(clips, lists, picks, strict=True)
+        )
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    by_clip = {row[0]: row for row in rows}  # a clip repeated to even out the ranks' batches appears once
+    if reranker is None:
+        return DecodedSplit(top={clip: row[1] for clip, row in by_clip.items()})
+    return DecodedSplit(
+        top={clip: row[1] for clip, row in by_clip.items()},
+        nbest={clip: row[2] for clip, row in by_clip.items()},
+        reranked={clip: row[3] for clip, row in by_clip.items()},
+    )
+
+
+def score_decoded(decoded: DecodedSplit, records: Sequence[Any], scorer: CaptionScorer) -> SplitScores:
+    """Score a decoded split against its records' references (top beam; N-best metrics when there are lists)."""
+    references = {i: list(r.captions) for i, r in enumerate(records)}
+    top = scorer.score(decoded.top, references)
+    if decoded.nbest is None:
+        return SplitScores(top=top)
+    return SplitScores(top=top, nbest=nbest_metrics(decoded.nbest, references, scorer, decoded.reranked))
+
+
 def caption_collate(tokenizer: Any, max_tokens: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = encode_captions(tokenizer, [item["caption"] for item in items], max_length=max_tokens)
@@ -374,7 +505,77 @@ def additive_reference_parameters(model: FusionCaptioner) -> int:
 # The recipe
 # ----------------------------------------------------------------------------------------------------------------
 def main(cfg: CaptionConfig) -> CaptionResult:
-    """Train, evaluate, log and register one captioner. See the module docstring for the method."""
+    """Train, evaluate, log and register one captioner (XE, or SCST from ``scst.parent``); with
+    ``scst.after_plateau``, an XE run that early-stops is followed by an SCST run from its best checkpoint."""
+    result = _train(cfg)
+    if cfg.scst.after_plateau and not cfg.scst.enabled:
+        result.scst = _scst_after_plateau(cfg, result)
+    return result
+
+
+def scst_run_config(parent_cfg: CaptionConfig, parent: str, registered_as: str = "") -> CaptionConfig:
+    """The config of an SCST run from checkpoint ``parent`` whose config was ``parent_cfg``: the parent's data,
+    model and decoding (so XE and +SCST runs compare column by column), its ``scst`` section's epochs and lr,
+    no warmup, a fresh run name, and the parent's registered model when it has one."""
+    settings = parent_cfg.scst
+    return dataclasses.replace(
+        parent_cfg,
+        scst=dataclasses.replace(settings, parent=parent, after_plateau=False),
+        train=dataclasses.replace(
+            parent_cfg.train, epochs=settings.epochs, lr=settings.lr, backbone_lr=settings.lr, warmup_ratio=0.0
+        ),
+        tracking=dataclasses.replace(parent_cfg.tracking, run_name=""),
+        registry=dataclasses.replace(parent_cfg.registry, name=registered_as or parent_cfg.registry.name),
+        resume="",
+    )
+
+
+def load_scst_config(path: str | Path | None, overrides: Sequence[str] = ()) -> CaptionConfig:
+    """The ``scst`` entry point's config: the parent checkpoint's config made an SCST run (:func:`scst_run_config`),
+    then the keys ``path`` and ``overrides`` set (``scst.parent`` names the parent; an alias is resolved to its
+    version now, so the run records exactly which checkpoint it started from)."""
+    requested = load_config(CaptionConfig, path, overrides)
+    if not requested.scst.parent:
+        raise ConfigError("config key 'scst.parent' is empty: name the XE checkpoint (models:/<name>@<alias>, ...)")
+    source = fetch_checkpoint(requested.scst.parent, key="scst.parent")
+    parent_cfg = config_from_dict(CaptionConfig, yaml.safe_load((source.checkpoint_dir / "config.yaml").read_text()))
+    pinned = f"models:/{source.model_name}/{source.version}" if source.model_name else source.run_id
+    base = scst_run_config(
+        dataclasses.replace(parent_cfg, scst=dataclasses.replace(requested.scst, after_plateau=False)),
+        pinned,
+        source.model_name,
+    )
+    return load_config(CaptionConfig, path, [*overrides, f"scst.parent={pinned}"], base=base)
+
+
+def _scst_after_plateau(cfg: CaptionConfig, result: CaptionResult) -> CaptionResult | None:
+    """Phase 1 of the study: once XE early-stops, SCST from its best checkpoint, as a second run linked to the first
+    (its ``lineage.parent_*`` tags; the XE run's ``scst.child_run_id``)."""
+    from accelerate.utils import broadcast_object_list
+    from mlflow import MlflowClient
+
+    main_process = distributed_state().is_main_process
+    if not result.state.stopped_early:
+        reason = f"XE did not early-stop within train.epochs={cfg.train.epochs} (no plateau): no SCST run"
+        logger.info("scst.after_plateau: %s", reason)
+        if main_process and result.run_id:
+            MlflowClient().set_tag(result.run_id, "scst.after_plateau", f"skipped: {reason}")
+        return None
+    # only the main process registered the version: every process starts from what it names
+    parent = f"models:/{cfg.registry.name}/{result.model_version}" if result.model_version else result.run_id
+    if distributed_state().num_processes > 1:
+        (parent,) = broadcast_object_list([parent])
+    logger.info("scst.after_plateau: XE early-stopped at epoch %d; SCST from %s", result.state.epoch, parent)
+    os.environ.pop("MLFLOW_RUN_ID", None)  # the run `mlflow run` made is the XE run's; SCST gets its own
+    scst_result = _train(scst_run_config(cfg, parent))
+    if main_process and result.run_id and scst_result.run_id:
+        client = MlflowClient()
+        client.set_tag(result.run_id, "scst.after_plateau", "ran")
+        client.set_tag(result.run_id, "scst.child_run_id", scst_result.run_id)
+    return scst_result
+
+
+def _train(cfg: CaptionConfig) -> CaptionResult:
     cfg, resume = resume_from(cfg)
 
     # The monitored metric is declared before training: SPIDEr needs SPICE, and without it the run says so.
@@ -390,14 +591,39 @@ def main(cfg: CaptionConfig) -> CaptionResult:
         else cfg.train.grad_accum_steps,
     )
     registry_cfg = dataclasses.replace(cfg.registry, promote_metric=monitor)
+    if cfg.scst.enabled and cfg.scst.reward == "spider" and no_spice:
+        raise ConfigError(f"config key 'scst.reward' = 'spider' needs SPICE, which cannot run here: {no_spice}")
 
     # -- 1. data (bad data stops here, before an MLflow run exists) ---------------------------------------------
     splits, dataset_name = load_caption_splits(cfg.data, clip_frames=cfg.model.num_frames)
+    train_pairs = not cfg.scst.enabled  # XE trains on (clip, caption) pairs, SCST on clips
+    check_training_splits(
+        splits,
+        where=cfg.data.data_dir or f"the built-in {cfg.data.dataset} data",
+        batch_size=train_cfg.batch_size,
+        train_items=sum(len(r.captions) for r in splits["train"]) if train_pairs else None,
+        unit="captions" if train_pairs else "clips",
+    )
+    retention_items = load_retention_items(cfg.retention.items) if cfg.retention.enabled else None
 
-    # -- 2. model: frozen encoder → projector → frozen LM with trainable fusion ----------------------------------
-    tokenizer = load_caption_tokenizer(cfg.model.lm, [c for r in splits["train"] for c in r.captions])
-    torch.manual_seed(cfg.seed)
-    model = build_captioner(cfg.model, tokenizer)
+    # -- 2. model: frozen encoder → projector → frozen LM with trainable fusion; SCST starts from its parent ----
+    parent: CheckpointSource | None = None
+    if cfg.scst.enabled:
+        parent = fetch_checkpoint(cfg.scst.parent, key="scst.parent")
+        model, parent_cfg = load_captioner(parent.checkpoint_dir)
+        if parent_cfg.model != cfg.model:
+            raise ConfigError(
+                f"config key 'model' differs from the model of scst.parent {cfg.scst.parent!r}: SCST fine-tunes "
+                "that model as it is (leave the model section to the parent's config)"
+            )
+        tokenizer = model.tokenizer
+        torch.manual_seed(cfg.seed)
+    else:
+        tokenizer = load_caption_tokenizer(cfg.model.lm, [c for r in splits["train"] for c in r.captions])
+        torch.manual_seed(cfg.seed)
+        model = build_captioner(cfg.model, tokenizer)
+    training = "xe+scst" if parent is not None else "xe"
+    lineage = parent.lineage_tags() if parent is not None else {}
     counts = model.parameter_counts()
     counts["additive_reference"] = additive_reference_parameters(model)
     ratio = params_ratio(counts["trainable"], counts["additive_reference"])
@@ -435,6 +661,8 @@ def main(cfg: CaptionConfig) -> CaptionResult:
                     "fusion": cfg.model.fusion,
                     "fusion_layers": ",".join(str(i) for i in cfg.model.fusion_layers),
                     "monitor": monitor,
+                    "training": training,
+                    **lineage,
                     "spice": "available" if no_spice is None else "unavailable",
                     **({"spice_unavailable_reason": no_spice} if no_spice else {}),
                     "gate": f"{monitor} {registry_cfg.promote_mode} +{registry_cfg.promote_margin:g}",
@@ -473,6 +701,8 @@ def main(cfg: CaptionConfig) -> CaptionResult:
                         "gate_l2": cfg.model.fusion_gate_l2,
                     },
                     "decoding": dataclasses.asdict(cfg.decoding),
+                    "training": training,
+                    **({"scst": dataclasses.asdict(cfg.scst)} if parent is not None else {}),
                     "parameter_counts": counts,
                     "monitor": monitor,
                     "spice_unavailable_reason": no_spice,
@@ -523,7 +753,8 @@ def main(cfg: CaptionConfig) -> CaptionResult:
 
         collate = caption_collate(tokenizer, cfg.data.max_caption_tokens)
         train_loader = torch.utils.data.DataLoader(
-            CaptionSamples(splits["train"], sources["train"], pairs=True, input_key=clips.input_key),
+            # SCST samples its own captions: one item per clip
+            CaptionSamples(splits["train"], sources["train"], pairs=train_pairs, input_key=clips.input_key),
             batch_size=train_cfg.batch_size,
             shuffle=True,
             drop_last=True,
@@ -531,11 +762,6 @@ def main(cfg: CaptionConfig) -> CaptionResult:
             num_workers=train_cfg.num_workers,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
-        if len(train_loader) == 0:
-            raise ConfigError(
-                f"config key 'train.batch_size' ({train_cfg.batch_size}) exceeds the "
-                f"{len(train_loader.dataset)} training captions"
-            )
 
         def eval_loader(split: str, pairs: bool) -> Any:
             batch_size = train_cfg.batch_size if pairs else cfg.decoding.batch_size
@@ -561,9 +787,14 @@ def main(cfg: CaptionConfig) -> CaptionResult:
         run.restore(model, optimizer, scheduler)
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
         val_pairs, val_clips = eval_loader("val", pairs=True), eval_loader("val", pairs=False)
+        # the retention probe's reference: the LM alone, before this run trains anything (partial_unfreeze trains
+        # LM layers; an SCST run's reference is then its XE parent's LM)
+        lm_alone = None
+        if retention_items is not None:
+            lm_alone = score_retention(accelerator.unwrap_model(model), retention_items, with_fusion=False)
 
-        # -- 6. one training step: teacher-forced XE (+ InfoNCE, + gate L2) -------------------------------------
-        def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
+        # -- 6. one training step: teacher-forced XE (+ InfoNCE, + gate L2), or SCST (avlm.scst) ----------------
+        def xe_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
             out = teacher_forced(model, batch)
             # DDP averages the processes' gradients: weighting each process's token mean by its share of the batch's
             # tokens makes that average the batch's token mean, as one process computes it (share = 1 for one).
@@ -575,32 +806,44 @@ def main(cfg: CaptionConfig) -> CaptionResult:
                 parts["contrastive_loss"] = out.contrastive_loss  # negatives: this process's share of the batch
             return StepOutput(loss=out.loss - out.xe_loss + xe, parts=parts)
 
+        train_step = xe_step
+        if parent is not None:
+            spice = cfg.metrics.spice_config()
+            scst_objective = ScstObjective(
+                cfg.scst,
+                [r.captions for r in splits["train"]],
+                max_new_tokens=cfg.decoding.max_new_tokens,
+                spice=spice if isinstance(spice, SpiceConfig) else None,
+            )
+
+            def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
+                return scst_objective(model, accelerator.unwrap_model(model), source_inputs(batch), batch)
+
         # -- 7. evaluation: val XE, beam-search captions scored by pycocoevalcap, gate magnitudes ---------------
         scorer = CaptionScorer(spice=cfg.metrics.spice_config()) if accelerator.is_main_process else None
 
-        @torch.no_grad()
-        def caption_split(model: torch.nn.Module, loader: Any) -> dict[int, str]:
-            """Generated caption per clip position, from every rank's share of the clips."""
-            net = accelerator.unwrap_model(model)
-            captions: list[tuple[int, str]] = []
-            for batch in loader:
-                generated = net.generate(
-                    **source_inputs(batch),
-                    num_beams=cfg.decoding.num_beams,
-                    max_new_tokens=cfg.decoding.max_new_tokens,
-                )
-                captions.extend(zip(batch["clip"].tolist(), generated.texts, strict=True))
-            if accelerator.num_processes > 1:
-                from accelerate.utils import gather_object
+        reranker = None
+        if cfg.decoding.rerank.enabled:
+            reranker = Reranker(cfg.decoding.rerank, [r.captions for r in splits["train"]], device=accelerator.device)
 
-                captions = gather_object(captions)
-            return dict(captions)  # a clip repeated to even out the ranks' batches appears once
+        def caption_split(model: torch.nn.Module, split: str, loader: Any) -> DecodedSplit:
+            def waveforms(positions: list[int]) -> list[Any]:
+                return [clips.datasets[split][i][clips.input_key].numpy() for i in positions]
 
-        def score_split(split: str, captions: dict[int, str]) -> CaptionScores | None:
-            if scorer is None:
-                return None
-            references = {i: list(r.captions) for i, r in enumerate(splits[split])}
-            return scorer.score(captions, references)
+            return decode_split(
+                accelerator.unwrap_model(model),
+                loader,
+                cfg.decoding,
+                source_inputs,
+                accelerator=accelerator,
+                reranker=reranker,
+                max_caption_tokens=cfg.data.max_caption_tokens,
+                waveforms=waveforms if data_modality == "audio" else None,
+                sample_rate=clips.preprocessing.get("sample_rate", 0),
+            )
+
+        def score_split(split: str, decoded: DecodedSplit) -> SplitScores | None:
+            return score_decoded(decoded, splits[split], scorer) if scorer is not None else None
 
         @torch.no_grad()
         def val_xe(model: torch.nn.Module) -> float:
@@ -615,8 +858,8 @@ def main(cfg: CaptionConfig) -> CaptionResult:
             return total / max(count, 1)
 
         def evaluate(model: torch.nn.Module) -> dict[str, float]:
-            scores = score_split("val", caption_split(model, val_clips))
-            metrics = caption_metrics_for_logging(scores, prefix="val/") if scores is not None else {}
+            scores = score_split("val", caption_split(model, "val", val_clips))
+            metrics = scores.metrics("val/") if scores is not None else {}
             if accelerator.num_processes > 1:  # every rank needs the monitored value for early stopping
                 from accelerate.utils import broadcast_object_list
 
@@ -642,14 +885,20 @@ def main(cfg: CaptionConfig) -> CaptionResult:
 
             # -- 9. the best checkpoint: final captions and scores, predictions.json, plots -----------------------
             run.load_best(model)
+            retention = None
+            if lm_alone is not None:  # "no audio given": the fusion active on a silent clip's source tokens
+                retention = score_retention(accelerator.unwrap_model(model), retention_items, with_fusion=True)
             final_metrics: dict[str, float] = {}
             predictions: dict[str, Any] = {}
+            nbest_tables: dict[str, NBestReport] = {}
             for split in [s for s in ("val", "test") if s in splits]:
-                captions = caption_split(model, val_clips if split == "val" else eval_loader(split, pairs=False))
-                scores = score_split(split, captions)
+                decoded = caption_split(model, split, val_clips if split == "val" else eval_loader(split, pairs=False))
+                scores = score_split(split, decoded)
                 if scores is not None:
-                    final_metrics.update(caption_metrics_for_logging(scores, prefix=f"final/{split}_"))
-                    predictions[split] = _prediction_rows(splits[split], captions, scores)
+                    final_metrics.update(scores.metrics(f"final/{split}_"))
+                    predictions[split] = prediction_rows(splits[split], decoded, scores)
+                    if scores.nbest is not None:
+                        nbest_tables[split] = scores.nbest
         finally:
             if scorer is not None:
                 scorer.close()
@@ -667,8 +916,15 @@ def main(cfg: CaptionConfig) -> CaptionResult:
             return result
 
         run_logger.log_metrics({**final_metrics, "best_epoch": state.best_epoch}, step=state.global_step)
+        retention_tags = {}
+        if retention is not None:
+            retention_tags = log_retention(run_logger, lm_alone, retention, cfg.retention, step=state.global_step)
         for split, rows in predictions.items():
             run_logger.log_dict(rows, f"predictions/{split}_predictions.json")
+        for split, report in nbest_tables.items():  # the study's T3: decoding vs reranking
+            markdown = report.markdown(title=f"Decoding vs reranking ({split})")
+            run_logger.log_text(markdown, f"tables/decoding_{split}.md")
+            run_logger.log_dict(report.table(), f"tables/decoding_{split}.json")
         _log_plots(run_logger, state.history, cfg.model.fusion_layers)
 
         # -- 10. registry: candidate, then the promotion gate -----------------------------------------------------
@@ -682,7 +938,11 @@ def main(cfg: CaptionConfig) -> CaptionResult:
                 "fusion": cfg.model.fusion,
                 "dataset": dataset_name,
                 "best_epoch": str(state.best_epoch),
+                "training": training,
+                **lineage,
+                **retention_tags,
             },
+            aliases=("scst",) if parent is not None else (),
             input_example=predictor_input([splits["val"][0]], data_modality),
             output_example=[predictions["val"][0]["prediction"]] if "val" in predictions else [""],
         )
@@ -692,19 +952,51 @@ def main(cfg: CaptionConfig) -> CaptionResult:
         return result
 
 
-def _prediction_rows(
-    records: list[AudioCaptionRecord], captions: dict[int, str], scores: CaptionScores
-) -> list[dict[str, Any]]:
-    """predictions.json: id, prediction, references and every per-item score (for bootstrap CIs, SPIDEr-max)."""
-    return [
+def log_retention(
+    run_logger: Any, lm_alone: RetentionResult, fused: RetentionResult, cfg: RetentionConfig, step: int
+) -> dict[str, str]:
+    """Log the retention probe (accuracies, Δ in points vs the LM alone, per-item results) and tag its verdict on
+    the run; returns the tags for the model version too."""
+    delta_pt, verdict = retention_verdict(fused.accuracy, lm_alone.accuracy, cfg.max_drop_pt)
+    run_logger.log_metrics(
         {
+            "retention/lm_accuracy": lm_alone.accuracy,
+            "retention/accuracy": fused.accuracy,
+            "retention/delta_pt": delta_pt,
+        },
+        step=step,
+    )
+    run_logger.log_dict({"lm_alone": lm_alone.per_item, "with_fusion": fused.per_item}, "retention/per_item.json")
+    tags = {
+        "retention": verdict,
+        "retention.delta_pt": f"{delta_pt:.4g}",
+        "retention.max_drop_pt": f"{cfg.max_drop_pt:g}",
+        "retention.items": cfg.items,
+    }
+    run_logger.set_tags(tags)
+    logger.info(
+        "retention: %.3f with fusion vs %.3f LM alone (%+.2f pt, tolerance -%g): %s",
+        fused.accuracy, lm_alone.accuracy, delta_pt, cfg.max_drop_pt, verdict,
+    )  # fmt: skip
+    return tags
+
+
+def prediction_rows(records: Sequence[Any], decoded: DecodedSplit, scores: SplitScores) -> list[dict[str, Any]]:
+    """predictions.json: id, prediction (the top beam), references, every per-item score (for bootstrap CIs), and
+    with reranking the N-best candidates and the reranked pick."""
+    rows = []
+    for i, record in enumerate(records):
+        row = {
             "id": record.clip_id,
-            "prediction": captions[i],
+            "prediction": decoded.top[i],
             "references": list(record.captions),
-            "scores": {metric: values[i] for metric, values in scores.per_item.items()},
+            "scores": {metric: values[i] for metric, values in scores.top.per_item.items()},
         }
-        for i, record in enumerate(records)
-    ]
+        if decoded.nbest is not None:
+            row["candidates"] = decoded.nbest[i]
+            row["reranked"] = decoded.reranked[i]
+        rows.append(row)
+    return rows
 
 
 def _log_plots(run_logger: Any, history: list[dict[str, float]], fusion_layers: Sequence[int]) -> None:

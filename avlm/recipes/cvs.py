@@ -30,6 +30,7 @@ from avlm.data import (
     CVS_CRITERIA,
     ClipDataset,
     EpochSampler,
+    check_training_splits,
     class_balanced_weights,
     default_cache_dir,
     ensure_cvs_demo,
@@ -223,11 +224,9 @@ def load_cvs_splits(cfg: CVSDataConfig) -> tuple[dict[str, list], str]:
     else:
         root = ensure_cvs_demo(Path(cfg.cache_dir) if cfg.cache_dir else None, seed=cfg.demo_seed)
         dataset = "cvs-demo"
-    available = [s for s in ("train", "val", "test") if (root / s).is_dir()] if root.is_dir() else ["train", "val"]
-    splits = load_endoscapes(root, splits=tuple(available), clip_frames=cfg.clip_frames, frame_stride=cfg.frame_stride)
-    for name in ("train", "val"):
-        if not splits.get(name):
-            raise ConfigError(f"data: split '{name}' of {root} has no labelled clips")
+    # train/ and val/ are required (a missing folder is named), test/ is read when it is there
+    wanted = ("train", "val", "test") if (root / "test").is_dir() else ("train", "val")
+    splits = load_endoscapes(root, splits=wanted, clip_frames=cfg.clip_frames, frame_stride=cfg.frame_stride)
     if cfg.limit_clips:
         splits = {name: records[: cfg.limit_clips] for name, records in splits.items()}
     return splits, dataset
@@ -292,6 +291,12 @@ def main(cfg: CVSConfig) -> CVSResult:
 
     # -- 1. data (bad data stops here, before an MLflow run exists) ---------------------------------------------
     splits, dataset_name = load_cvs_splits(cfg.data)
+    where = cfg.data.data_dir or "the built-in CVS demo data"
+    check_training_splits(
+        splits,
+        where=f"{where} (data.limit_clips={cfg.data.limit_clips})" if cfg.data.limit_clips else where,
+        batch_size=cfg.train.batch_size,
+    )
 
     # -- 2. model: frozen backbone + attentive head (+ LoRA / unfrozen blocks) ----------------------------------
     torch.manual_seed(cfg.seed)
@@ -388,11 +393,6 @@ def main(cfg: CVSConfig) -> CVSResult:
             train_inputs["train"], sampler=sampler, drop_last=True, **loader_kwargs
         )
         val_loader = torch.utils.data.DataLoader(train_inputs["val"], shuffle=False, **loader_kwargs)
-        if len(train_loader) == 0:
-            raise ConfigError(
-                f"config key 'train.batch_size' ({cfg.train.batch_size}) exceeds the "
-                f"{len(train_inputs['train'])} training clips"
-            )
 
         # -- 5. optimisation: AdamW groups (head lr / backbone lr), warmup + cosine -----------------------------
         loss_fn = MultiLabelLoss(

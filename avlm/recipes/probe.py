@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from avlm.config import config_to_dict, flatten_config, load_config
 from avlm.data import ClipManifest, default_cache_dir, load_clip_manifest, write_cvs_demo_manifest
 from avlm.data.masked_inputs import MaskedInputs
-from avlm.errors import ConfigError
+from avlm.errors import ConfigError, DataError
 from avlm.metrics import mean_average_precision
 from avlm.models import LinearProbe, VideoBackbone, build_backbone, count_parameters
 from avlm.models.pretext import (
@@ -113,12 +113,13 @@ class ProbeDataConfig:
     demo_seed: seed of the generated demo data.
     cache_dir: feature cache and demo data location; empty = $AVLM_CACHE_DIR or ~/.cache/avlm.
     max_train_clips / max_val_clips: each seed probes a random subset of at most this many train / val clips
-        (drawn with the seed; 0 = all), so that seeds also vary the data, as in the hand-run probes.
+        (drawn with the seed; 0 = all), so that seeds also vary the data, as in the hand-run probes. A probe
+        standardises its features over its train clips, so it needs at least 2 of them.
     input_mask_ratio: fraction of each clip's patches blanked before the backbone (fixed per sample id), as a
         masked-video model sees its inputs; > 0 enables the ``mean_visible`` pooling. Needs a backbone with one
         token per spatio-temporal patch (V-JEPA 2).
     input_mask_seed: seed of those masks.
-    limit_clips: keep only the first N clips of each split (quick checks); 0 = all.
+    limit_clips: keep only the first N clips of each split (quick checks); 0 = all, else at least 2.
     """
 
     manifest: str = ""
@@ -138,6 +139,9 @@ class ProbeDataConfig:
         for key in ("max_train_clips", "max_val_clips", "limit_clips"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key 'data.{key}' must be >= 0 (0 = all), got {getattr(self, key)}")
+        for key in ("max_train_clips", "limit_clips"):  # one train clip has no feature spread to standardise by
+            if getattr(self, key) == 1:
+                raise ConfigError(f"config key 'data.{key}' must be 0 (all) or >= 2 (a probe's train clips), got 1")
         if not 0 <= self.input_mask_ratio < 1:
             raise ConfigError(f"config key 'data.input_mask_ratio' must be in [0, 1), got {self.input_mask_ratio}")
 
@@ -266,6 +270,13 @@ class ProbeConfig:
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     registry: ProbeRegistryConfig = dataclasses.field(default_factory=ProbeRegistryConfig)
 
+    def __post_init__(self) -> None:
+        if self.sanity.pooling == "mean_visible" and self.data.input_mask_ratio == 0:
+            raise ConfigError(
+                "config key 'sanity.pooling' = 'mean_visible' needs masked inputs: set data.input_mask_ratio > 0, "
+                "or another sanity.pooling"
+            )
+
 
 def load_probe_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ProbeConfig:
     return load_config(ProbeConfig, path, overrides)
@@ -301,7 +312,13 @@ class ProbeResult:
 # Data: the manifest
 # ----------------------------------------------------------------------------------------------------------------
 def load_probe_manifest(cfg: ProbeDataConfig) -> tuple[ClipManifest, str]:
-    """The manifest (train and val required) and the dataset's name (``cvs-demo`` or the manifest's path)."""
+    """The manifest (train and val required, train with at least 2 clips) and the dataset's name (``cvs-demo`` or
+    the manifest's path).
+
+    Raises:
+        DataError: what ``load_clip_manifest`` refuses, or a train split of one clip (nothing to standardise the
+            features by: the probe's loss would be NaN).
+    """
     if cfg.manifest:
         path, name = Path(cfg.manifest), str(Path(cfg.manifest).expanduser())
     else:
@@ -316,6 +333,8 @@ def load_probe_manifest(cfg: ProbeDataConfig) -> tuple[ClipManifest, str]:
     if cfg.limit_clips:
         kept = [c for clips in manifest.by_split().values() for c in clips[: cfg.limit_clips]]
         manifest = dataclasses.replace(manifest, clips=[c for c in manifest.clips if c in kept])
+    if len(manifest.split("train")) < 2:
+        raise DataError(f"{manifest.path}: split 'train' has 1 clip; a probe needs at least 2")
     return manifest, name
 
 
@@ -472,6 +491,9 @@ def main(cfg: ProbeConfig) -> ProbeResult:
 
     # -- 1. data: the manifest, checked before an MLflow run exists (bad data must not leave a FAILED run) ---------
     manifest, dataset_name = load_probe_manifest(cfg.data)
+    checkpoint = Path(cfg.backbone.checkpoint).expanduser() if cfg.backbone.checkpoint else None
+    if checkpoint is not None and not checkpoint.is_file():
+        raise ConfigError(f"config key 'backbone.checkpoint': {checkpoint} does not exist")
     splits = [s for s in ("train", "val", "test") if s in manifest.by_split()]
     if cfg.gate.evaluate_on not in splits:
         raise ConfigError(

@@ -271,6 +271,11 @@ class MLflowLogger:
         path.write_text(json.dumps(data, indent=2, default=str))
         self._queue_generated(path, artifact_file)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        path = self._new_slot() / Path(artifact_file).name
+        path.write_text(text)
+        self._queue_generated(path, artifact_file)
+
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
 

@@ -501,6 +501,9 @@ def promote_if_better(cfg: RegistryConfig, version: str | int) -> PromotionDecis
         champion_version = str(champion.version)
         if champion_version == version:
             return _Verdict("kept", "already champion", evidence, None, latest)
+        unlike = _not_comparable(candidate, champion, cfg.promote_metric)
+        if unlike:
+            return _Verdict("rejected", f"refused: {unlike}", evidence, None, latest)
         champion_value = _registered_value(champion, cfg.promote_metric)
         latest["champion_value"] = repr(champion_value)
         evidence = dataclasses.replace(
@@ -642,6 +645,28 @@ def _model_version(client: Any, name: str, version: str) -> Any:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise ConfigError(f"registered model {name!r} has no version {version}") from e
         raise
+
+
+COMPARABILITY_TAGS = ("dataset",)  # versions that differ in these never compete for one champion
+
+
+def _not_comparable(candidate: Any, champion: Any, metric: str) -> str:
+    """Why the champion's registered value cannot be compared with the candidate's ("" when it can): a value of
+    another metric (``val/CIDEr_D`` where SPICE was unavailable against ``val/SPIDEr``), or another dataset."""
+    champion_metric = champion.tags.get("avlm.metric", metric)
+    if champion_metric != metric:
+        return (
+            f"champion v{champion.version} was judged on {champion_metric}, this version on {metric}: the gate "
+            "compares like with like (register it under another model name, or re-evaluate both on one metric)"
+        )
+    for tag in COMPARABILITY_TAGS:
+        ours, theirs = candidate.tags.get(tag), champion.tags.get(tag)
+        if ours is not None and theirs is not None and ours != theirs:
+            return (
+                f"champion v{champion.version} has {tag}={theirs!r}, this version {tag}={ours!r}: versions of "
+                f"different {tag}s never compete for one champion (register them under per-{tag} model names)"
+            )
+    return ""
 
 
 def _registered_value(model_version: Any, metric: str) -> float:

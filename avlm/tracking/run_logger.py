@@ -30,6 +30,8 @@ class RunLogger(Protocol):
 
     def log_dict(self, data: Any, artifact_file: str) -> None: ...
 
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
     def log_figure(self, figure: Any, artifact_file: str) -> None: ...
 
     def flush(self) -> None: ...
@@ -54,6 +56,8 @@ class NullLogger:
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None: ...
 
     def log_dict(self, data: Any, artifact_file: str) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
 
     def log_figure(self, figure: Any, artifact_file: str) -> None: ...
 
@@ -89,6 +93,9 @@ class PrefixedLogger:
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.inner.log_dict(data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.inner.log_text(text, artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.inner.log_figure(figure, artifact_file)

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,13 +257,17 @@ class RecipeRun:
         recipe: str,
         metric_value: float,
         tags: Mapping[str, str],
+        aliases: Sequence[str] = (),
         **model_kwargs: Any,
     ) -> Registration | None:
-        """Register the best checkpoint as a new version (alias ``candidate``) and put it through the declared
-        promotion gate; the decision is tagged on the version and on the run. Main process only; None when
-        registration is off or on the other ranks. ``model_kwargs`` go to ``log_and_register`` (input example…)."""
+        """Register the best checkpoint as a new version (alias ``candidate``, and ``aliases``) and put it through
+        the declared promotion gate; the decision is tagged on the version and on the run. Main process only; None
+        when registration is off or on the other ranks. ``model_kwargs`` go to ``log_and_register`` (input
+        example…)."""
         if not (self.is_main_process and registry_cfg.register):
             return None
+        from mlflow import MlflowClient
+
         from avlm.tracking.registry import log_and_register, promote_if_better
 
         self.logger.flush()  # the version's run page shows the whole history
@@ -276,6 +280,8 @@ class RecipeRun:
             extra_tags=dict(tags),
             **model_kwargs,
         )
+        for alias in aliases:  # e.g. ``scst``: the latest version of that kind, whatever the gate decides
+            MlflowClient().set_registered_model_alias(registry_cfg.name, alias, version.version)
         decision = promote_if_better(registry_cfg, version.version)
         self.logger.set_tags(
             {"registered_version": version.version, "promotion": "promoted" if decision.promoted else "rejected"}

@@ -137,7 +137,8 @@ class StepOutput:
     loss: torch.Tensor  # scalar, mean over the micro-batch
     scores: torch.Tensor | None = None  # per-sample predictions for the epoch's training metrics
     targets: torch.Tensor | None = None
-    parts: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # loss terms, logged as train/<name>
+    # loss terms and step statistics, logged per epoch as train/<name> (a name holding "/" as it is)
+    parts: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -413,7 +414,8 @@ def _train_epoch(
     model.eval()
     val_metrics = dict(evaluate(model))
     row: dict[str, float] = {"epoch": epoch + 1, "train/loss": float(np.mean(tally.losses))}
-    row.update({f"train/{name}": float(np.mean(values)) for name, values in tally.parts.items()})
+    # a part already in a namespace (``scst/reward_mean``) keeps its name; the others are train/<name>
+    row.update({(name if "/" in name else f"train/{name}"): float(np.mean(v)) for name, v in tally.parts.items()})
     if train_metrics is not None:
         epoch_metrics = train_metrics(*tally.gathered_scores())
         row.update({f"train/{k}": float(v) for k, v in epoch_metrics.items()})

@@ -138,6 +138,32 @@ def test_clotho_reads_five_captions_per_file(clotho: Path) -> None:
     assert load_clotho(clotho, splits="evaluation")["evaluation"][2].split == "evaluation"
 
 
+def test_clotho_file_name_with_leading_space_is_kept_verbatim(clotho: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Official Clotho names can begin with a space; stripping it would look for a file that does not exist.
+    names = [" clip.wav", "trailing .wav", "plain.wav"]
+    write_clotho_csv(
+        clotho / "clotho_captions_validation.csv",
+        [[name, "  A caption.  ", "b", "c", "d", "e "] for name in names],
+    )
+    audio_dir = clotho / "clotho_audio_validation"
+    for name in names:
+        write_sine(audio_dir / name)
+    records = load_clotho(clotho, splits="validation")["validation"]
+    assert [r.clip_id for r in records] == names
+    assert Path(records[0].audio_path) == (audio_dir / " clip.wav").resolve()
+    assert records[0].captions == ("A caption.", "b", "c", "d", "e")  # captions are still stripped
+    # Messages quote names, so the leading space shows.
+    (audio_dir / " clip.wav").unlink()
+    with caplog.at_level(logging.WARNING, logger="avlm.data.audio_captions"):
+        kept = load_clotho(clotho, splits="validation", max_missing_fraction=0.5)["validation"]
+    assert [r.clip_id for r in kept] == names[1:]
+    assert "' clip.wav' (missing)" in caplog.text
+    # A blank file_name is still an empty field.
+    write_clotho_csv(clotho / "clotho_captions_validation.csv", [["   ", "a", "b", "c", "d", "e"]])
+    with pytest.raises(DataError, match="line 2: empty file_name"):
+        load_clotho(clotho, splits="validation")
+
+
 def test_missing_and_unreadable_audio_are_named_and_skipped(
     clotho: Path, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
@@ -154,7 +180,7 @@ def test_missing_and_unreadable_audio_are_named_and_skipped(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "Clotho validation: 2 of 10 clips (20.0%) have no readable audio" in warnings[0]
-    assert "clip 3.wav (missing)" in warnings[0] and "clip 7.wav (unreadable" in warnings[0]
+    assert "'clip 3.wav' (missing)" in warnings[0] and "'clip 7.wav' (unreadable" in warnings[0]
     assert "8 clips, 40 captions (5 per clip), 2 skipped for missing audio" in caplog.text
     # Without verification an empty file is only found when it is loaded.
     unverified = load_clotho(clotho, splits="validation", verify_audio=False)["validation"]
@@ -169,7 +195,8 @@ def test_long_missing_list_is_shortened(clotho: Path, caplog: pytest.LogCaptureF
     with caplog.at_level(logging.WARNING, logger="avlm.data.audio_captions"):
         assert len(load_clotho(clotho, splits="evaluation")["evaluation"]) == 32
     assert (
-        "c00.wav (missing), c01.wav (missing), c02.wav (missing), c03.wav (missing), c04.wav (missing)" in caplog.text
+        "'c00.wav' (missing), 'c01.wav' (missing), 'c02.wav' (missing), 'c03.wav' (missing), 'c04.wav' (missing)"
+        in caplog.text
     )
     assert "and 3 more" in caplog.text and "c05.wav" not in caplog.text
 
@@ -180,7 +207,7 @@ def test_too_much_missing_audio_names_the_folder(audiocaps: Path) -> None:
         load_audiocaps(audiocaps, splits="train")
     message = str(info.value)
     assert str((audiocaps / "audio" / "train").resolve()) in message
-    assert "yt_b (missing)" in message and "max_missing_fraction=0.2" in message
+    assert "'yt_b' (missing)" in message and "max_missing_fraction=0.2" in message
     assert "expected files named <youtube_id> or <audiocap_id> with extension .wav or .flac" in message
     assert len(load_audiocaps(audiocaps, splits="train", max_missing_fraction=0.5)["train"]) == 2
 

@@ -148,9 +148,7 @@ PASSES = {
 }
 
 
-def test_a_failed_rule_stops_the_chain_records_every_decision_and_later_stages_never_start(
-    fake_sweeps, mlflow_store
-):
+def test_a_failed_rule_stops_the_chain_records_every_decision_and_later_stages_never_start(fake_sweeps, mlflow_store):
     sweeps = fake_sweeps(STOPS_AT_QUICK)
     spec = spec_values()
     result = run_chain(spec)

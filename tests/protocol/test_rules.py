@@ -209,5 +209,6 @@ def test_margin_rule_is_the_recipes_gate_strictly_above_the_margin():
     beats = Evidence({"val/mAP": {"best": 0.52}}, {"val/mAP": {"best": 0.50}})
     short = Evidence({"val/mAP": {"best": 0.505}}, {"val/mAP": {"best": 0.50}})
     assert evaluate_rule(rule, beats).passed and not evaluate_rule(rule, short).passed
-    assert evaluate_rule(margin_rule("val/loss", "min", 0.0), Evidence({"val/loss": {"best": 0.2}},
-                                                                        {"val/loss": {"best": 0.3}})).passed
+    assert evaluate_rule(
+        margin_rule("val/loss", "min", 0.0), Evidence({"val/loss": {"best": 0.2}}, {"val/loss": {"best": 0.3}})
+    ).passed

@@ -158,3 +158,35 @@ def test_a_failing_registry_read_is_not_taken_for_no_champion(mlflow_store, monk
     with pytest.raises(MlflowException, match="database is locked"):
         promote_if_better(cfg, v1)
     assert "promotion.decision" not in MlflowClient().get_model_version(cfg.name, v1).tags
+
+
+def test_the_gate_compares_like_with_like_and_says_why_it_refuses(mlflow_store):
+    """A value of another metric (CIDEr-D where SPICE was unavailable vs a SPIDEr champion) or of another dataset
+    is never compared: the candidate is refused, with the reason on its tags, and the champion stays."""
+    client = MlflowClient()
+    spider = RegistryConfig(name="caption-gate", promote_metric="val/SPIDEr")
+    cider = RegistryConfig(name="caption-gate", promote_metric="val/CIDEr_D")
+    v1, _ = add_version(spider.name, 0.30)
+    client.set_model_version_tag(spider.name, v1, "avlm.metric", "val/SPIDEr")
+    client.set_model_version_tag(spider.name, v1, "dataset", "audiocaps")
+    assert promote_if_better(spider, v1).promoted
+
+    v2, _ = add_version(cider.name, 0.90)  # a much larger number, of another metric
+    client.set_model_version_tag(cider.name, v2, "avlm.metric", "val/CIDEr_D")
+    client.set_model_version_tag(cider.name, v2, "dataset", "audiocaps")
+    refused = promote_if_better(cider, v2)
+    assert not refused.promoted and str(current_champion(spider.name).version) == v1
+    reason = client.get_model_version(cider.name, v2).tags["promotion.reason"]
+    assert reason.startswith("refused:") and "val/SPIDEr" in reason and "val/CIDEr_D" in reason
+
+    v3, _ = add_version(spider.name, 0.90)  # the champion's metric, but Clotho
+    client.set_model_version_tag(spider.name, v3, "avlm.metric", "val/SPIDEr")
+    client.set_model_version_tag(spider.name, v3, "dataset", "clotho")
+    assert not promote_if_better(spider, v3).promoted
+    reason = client.get_model_version(spider.name, v3).tags["promotion.reason"]
+    assert "dataset='audiocaps'" in reason and "dataset='clotho'" in reason
+
+    v4, _ = add_version(spider.name, 0.35)  # like with like, better: promoted
+    client.set_model_version_tag(spider.name, v4, "avlm.metric", "val/SPIDEr")
+    client.set_model_version_tag(spider.name, v4, "dataset", "audiocaps")
+    assert promote_if_better(spider, v4).promoted and str(current_champion(spider.name).version) == v4
