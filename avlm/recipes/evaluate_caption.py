@@ -58,7 +58,7 @@ from avlm.recipes.caption import (
     source_clips,
 )
 from avlm.rerank import Reranker
-from avlm.tracking import TrackingConfig, provenance_tags, tracked_run
+from avlm.tracking import TrackingConfig, plots, provenance_tags, tracked_run
 from avlm.tracking.model_source import CheckpointSource, fetch_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -272,7 +272,9 @@ def main(cfg: EvaluateCaptionConfig) -> EvaluateCaptionResult:
             scorer.close()
         run_logger.log_metrics(metrics, step=0)
         if cfg.snr_db:
-            run_logger.log_figure(snr_curve(metrics, cfg.snr_db), "plots/snr_curve.png")
+            noisy = {snr: _unprefixed(metrics, snr_prefix(snr)) for snr in cfg.snr_db}
+            clean = {name: metrics[name] for name in CURVE_METRICS if name in metrics}
+            run_logger.log_figure(plots.metric_against_snr(clean, noisy), "plots/snr_curve.png")
     logger.info("evaluated %s (%s) on %s: CIDEr_D %.4f", cfg.model, name, cfg.split, metrics["CIDEr_D"])
     return EvaluateCaptionResult(
         run_id=run_logger.run_id,
@@ -299,25 +301,8 @@ def summary_lines(cfg: EvaluateCaptionConfig, result: EvaluateCaptionResult) -> 
     return lines
 
 
-def snr_curve(metrics: dict[str, float], snr_db: Sequence[float]) -> Any:
-    """One panel per metric of :data:`CURVE_METRICS` present: the metric against the SNR, clean as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    names = [name for name in CURVE_METRICS if name in metrics]
-    levels = sorted(snr_db)
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        ax.plot(levels, [metrics[f"{snr_prefix(snr)}{name}"] for snr in levels], marker="o", label="noisy")
-        ax.axhline(metrics[name], linestyle="--", color="gray", label="clean")
-        ax.set_title(name)
-        ax.set_xlabel("SNR (dB)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+def _unprefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {name[len(prefix) :]: value for name, value in metrics.items() if name.startswith(prefix)}
 
 
 def _checkpoint_config(source: CheckpointSource) -> CaptionConfig:

@@ -34,6 +34,22 @@ def training_curves(history: Sequence[Mapping[str, float]], panels: Mapping[str,
     return fig
 
 
+def metric_against_snr(clean: Mapping[str, float], noisy: Mapping[float, Mapping[str, float]]) -> plt.Figure:
+    """One panel per metric of ``clean``: its value at each SNR of ``noisy`` (dB → metric → value), the clean value
+    as a dashed line."""
+    levels = sorted(noisy)
+    fig, axes = plt.subplots(1, len(clean), figsize=(4 * len(clean), 3.5), squeeze=False)
+    for ax, (name, value) in zip(axes[0], clean.items(), strict=True):
+        ax.plot(levels, [noisy[snr].get(name, np.nan) for snr in levels], marker="o", label="noisy")
+        ax.axhline(value, linestyle="--", color="gray", label="clean")
+        ax.set_title(name)
+        ax.set_xlabel("SNR (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def precision_recall_curves(y_true: np.ndarray, scores: np.ndarray, class_names: Sequence[str]) -> plt.Figure:
     """Per-class precision-recall curves with each class's AP and prevalence (the AP of a random ranking)."""
     from avlm.metrics import average_precision_per_class

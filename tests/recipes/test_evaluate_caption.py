@@ -1,6 +1,7 @@
 """evaluate_caption: a registered version decoded and scored again, into a new run tagged with that version; SNR
 robustness; refusals before any run exists. One tiny XE training, shared by the module."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,9 +14,12 @@ from mlflow import MlflowClient
 from avlm.data.noise import measured_snr_db
 from avlm.errors import ConfigError
 from avlm.recipes import caption, evaluate_caption
-from entrypoints import evaluate_caption as entrypoint
 
 REPO = Path(__file__).resolve().parents[2]
+# entrypoints/ is a folder of scripts, not a package: load the script as `python entrypoints/...` would run it
+_spec = importlib.util.spec_from_file_location("evaluate_caption_entrypoint", REPO / "entrypoints/evaluate_caption.py")
+entrypoint = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(entrypoint)
 # as small as the wiring allows: what is tested is the evaluation, not the captioner
 TINY = [
     "tracking.system_metrics=false",
