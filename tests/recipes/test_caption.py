@@ -168,3 +168,31 @@ def test_effective_batch_accumulates_gradients(mlflow_store, no_corenlp):
     assert result.state.global_step == 5
     steps = MlflowClient().get_metric_history(result.run_id, "train/step_loss")
     assert [m.step for m in steps] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_reranked_evaluation_logs_oracle_diversity_and_the_decoding_table(mlflow_store, no_corenlp):
+    result = run(
+        "train.epochs=1",
+        "data.limit_clips=16",
+        "model.contrastive_weight=0.1",
+        "decoding.num_beams=3",
+        "decoding.rerank.enabled=true",
+        "retention.enabled=false",
+        "registry.register=false",
+    )
+    client = MlflowClient()
+    metrics = client.get_run(result.run_id).data.metrics
+    for prefix in ("val/", "final/test_"):
+        assert {f"{prefix}rerank/CIDEr_D", f"{prefix}CIDEr_D_max", f"{prefix}self_BLEU_4"} <= set(metrics), prefix
+        # the oracle picks the best of the candidates the top beam is one of
+        assert metrics[f"{prefix}CIDEr_D_max"] >= max(metrics[f"{prefix}CIDEr_D"], metrics[f"{prefix}rerank/CIDEr_D"])
+        assert 0 <= metrics[f"{prefix}self_BLEU_4"] <= 1
+    artifacts = set(artifact_paths(client, result.run_id))
+    assert {"tables/decoding_val.md", "tables/decoding_val.json", "tables/decoding_test.md"} <= artifacts
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/tables/decoding_val.json"))
+    assert [row["decoding"] for row in table] == ["top beam", "reranked", "oracle max"]
+    assert table[0]["CIDEr_D"] == pytest.approx(metrics["final/val_CIDEr_D"])
+    rows = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/predictions/val_predictions.json"))
+    assert all(len(r["candidates"]) == 3 and r["prediction"] == r["candidates"][0] for r in rows)
+    assert all(r["reranked"] in r["candidates"] for r in rows)
