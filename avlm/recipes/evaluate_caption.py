@@ -40,21 +40,16 @@ import yaml
 
 from avlm.config import config_from_dict, config_to_dict, flatten_config, load_config
 from avlm.data.noise import add_white_noise, noise_generator
+from avlm.decoding import DecodedSplit, DecodingConfig, SplitScores, decode_split, prediction_rows, score_decoded
 from avlm.errors import ConfigError
 from avlm.metrics import CaptionScorer, spice_unavailable_reason
 from avlm.recipes.caption import (
     CaptionConfig,
     CaptionMetricsConfig,
     CaptionSamples,
-    DecodedSplit,
-    DecodingConfig,
-    SplitScores,
     caption_collate,
-    decode_split,
     load_caption_splits,
     load_captioner,
-    prediction_rows,
-    score_decoded,
     source_clips,
 )
 from avlm.rerank import Reranker

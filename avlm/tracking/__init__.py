@@ -6,6 +6,7 @@ from avlm.tracking.mlflow_logger import (
     TrackingConfig,
     nested_run,
     resolve_tracking_uri,
+    set_run_tags,
     to_float,
     tracked_run,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "provenance_tags",
     "record_run_start",
     "resolve_tracking_uri",
+    "set_run_tags",
     "to_float",
     "tracked_run",
 ]

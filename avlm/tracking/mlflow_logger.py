@@ -294,6 +294,15 @@ class MLflowLogger:
         self._outbox.put("artifact", local=str(path), artifact_path=None if parent == "." else parent, contents=False)
 
 
+def set_run_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    """Tag a run that has ended (a link to a later run it started, e.g. ``scst.child_run_id``)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, truncated_text(str(value), MAX_TAG_LENGTH))
+
+
 def default_run_dir(run_id: str) -> Path:
     """Where a run's tracking files go when the caller names no run folder."""
     return Path(tempfile.gettempdir()) / "avlm-runs" / run_id

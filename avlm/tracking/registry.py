@@ -60,7 +60,7 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,8 +116,10 @@ def log_and_register(
     output_example: Any,
     metadata: dict[str, Any] | None = None,
     extra_tags: dict[str, str] | None = None,
+    aliases: Sequence[str] = (),
 ) -> Any:
-    """Log ``checkpoint_dir`` as a pyfunc model in run ``run_id``, register it, tag it and alias it ``candidate``.
+    """Log ``checkpoint_dir`` as a pyfunc model in run ``run_id``, register it, tag it and alias it ``candidate``
+    (and ``aliases``, e.g. ``scst``: the latest version of that kind, whatever the gate decides).
 
     The model's signature is inferred from one valid input and the model's output on it, so the registry shows
     the input schema and ``mlflow models serve`` refuses requests that do not fit it (with HTTP 400).
@@ -137,6 +139,7 @@ def log_and_register(
         metadata: shown in the model's MLmodel file, e.g. the preprocessing the input must have had (CVS clips
             come resized and normalised by the client, as the recipe's ``ClipFrames`` does).
         extra_tags: more version tags.
+        aliases: more aliases moved to this version.
 
     Returns:
         The registered ``ModelVersion``.
@@ -181,8 +184,10 @@ def log_and_register(
     }
     for key, value in tags.items():
         client.set_model_version_tag(cfg.name, version.version, key, value)
-    client.set_registered_model_alias(cfg.name, CANDIDATE_ALIAS, version.version)
-    logger.info("registered %s version %s (alias %s)", cfg.name, version.version, CANDIDATE_ALIAS)
+    moved = (CANDIDATE_ALIAS, *aliases)
+    for alias in moved:
+        client.set_registered_model_alias(cfg.name, alias, version.version)
+    logger.info("registered %s version %s (aliases %s)", cfg.name, version.version, ", ".join(moved))
     return client.get_model_version(cfg.name, version.version)
 
 

@@ -266,8 +266,6 @@ class RecipeRun:
         example…)."""
         if not (self.is_main_process and registry_cfg.register):
             return None
-        from mlflow import MlflowClient
-
         from avlm.tracking.registry import log_and_register, promote_if_better
 
         self.logger.flush()  # the version's run page shows the whole history
@@ -278,10 +276,9 @@ class RecipeRun:
             run_id=self.run_id,
             metric_value=metric_value,
             extra_tags=dict(tags),
+            aliases=aliases,
             **model_kwargs,
         )
-        for alias in aliases:  # e.g. ``scst``: the latest version of that kind, whatever the gate decides
-            MlflowClient().set_registered_model_alias(registry_cfg.name, alias, version.version)
         decision = promote_if_better(registry_cfg, version.version)
         self.logger.set_tags(
             {"registered_version": version.version, "promotion": "promoted" if decision.promoted else "rejected"}
