@@ -98,6 +98,33 @@ def run_protocol_command(prog: str, call: Callable[[], Any], report: Callable[[A
     return 0
 
 
+def chain_parser(prog: str, description: str, default_spec: str) -> argparse.ArgumentParser:
+    """The options of the ``chain`` and ``ave`` entry points: ``--spec`` (a chain spec YAML), ``--workers``,
+    ``--storage``."""
+    from avlm.launch import process_count
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("--spec", default=default_spec, help="chain spec YAML")
+    parser.add_argument("--workers", type=process_count, default=1, help="children each stage runs at once")
+    parser.add_argument("--storage", default="", help="Optuna storage URL; empty = optuna.db beside the MLflow store")
+    return parser
+
+
+def run_chain_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse ``argv`` with :func:`chain_parser`'s ``parser``, run the chain, print its one verdict line (see
+    entrypoints/chain.py for the exit statuses)."""
+    from avlm.protocol.chain import load_chain_spec, run_chain
+
+    args = parser.parse_args(argv)
+    return run_protocol_command(
+        parser.prog,
+        lambda: run_chain(load_chain_spec(args.spec), workers=args.workers, storage=args.storage),
+        lambda result: [result.verdict()],
+    )
+
+
 def unknown_option_message(given: str, valid: Sequence[str]) -> str:
     """Why ``given`` (``--epoch`` or ``--epoch=3``) is refused: the closest valid option, then all of them."""
     name = given.split("=", 1)[0]

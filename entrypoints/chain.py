@@ -14,28 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from avlm.cli import run_protocol_command
-from avlm.launch import process_count
-from avlm.protocol.chain import load_chain_spec, run_chain
+from avlm.cli import chain_parser, run_chain_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="chain", description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
-    )
-    parser.add_argument("--spec", default="examples/chains/cvs_demo.yaml", help="chain spec YAML")
-    parser.add_argument("--workers", type=process_count, default=1, help="children each stage runs at once")
-    parser.add_argument("--storage", default="", help="Optuna storage URL; empty = optuna.db beside the MLflow store")
-    return parser
+    return chain_parser("chain", __doc__, default_spec="examples/chains/cvs_demo.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_protocol_command(
-        "chain",
-        lambda: run_chain(load_chain_spec(args.spec), workers=args.workers, storage=args.storage),
-        lambda result: [result.verdict()],
-    )
+    return run_chain_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

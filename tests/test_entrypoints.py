@@ -23,7 +23,8 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from avlm.errors import ConfigError
-from avlm.recipes import caption, cvs, probe
+from avlm.protocol.chain import load_chain_spec
+from avlm.recipes import ave, caption, cvs, probe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -62,6 +63,15 @@ def test_every_example_parses_and_opens_with_its_command(path):
     elif path.parent.name == "probe":
         cfg = probe.load_probe_config(path)
         assert cfg.registry.name == "avlm-probe-backbone" and cfg.gate.select_on == "val"
+    elif path.parent.name == "ave" and "chain" in path.stem:
+        spec = load_chain_spec(path)
+        assert spec.recipe == "train_ave" and spec.baseline.overrides == {"allocation.method": "uniform"}
+        # only a deployable Stage-1 is registered when claimed; the oracle (it reads the labels) never is
+        oracle = spec.overrides.get("eventness.method") == "oracle"
+        assert (spec.promote.model, spec.promote.aliases) == (("", []) if oracle else ("avlm-ave", ["claimed"]))
+    elif path.parent.name == "ave":
+        cfg = ave.load_ave_config(path)
+        assert cfg.registry.name == "avlm-ave" and not cfg.registry.register and cfg.train.monitor == "val/accuracy"
     else:
         assert isinstance(yaml.safe_load(path.read_text()), dict)
 
@@ -89,6 +99,11 @@ SHORTCUT_SAMPLES = {
     "num_processes": "2",
     "accelerate_config": "examples/accelerate/cpu_2proc.yaml",
     "config": "my config.yaml",
+    "allocation": "anchored",
+    "eventness": "oracle",
+    "scores_file": "/runs/eventness_scores.json",
+    "visual_backbone": "timm:vit_base_patch16_clip_224",
+    "test": "true",
 }
 
 
@@ -115,22 +130,46 @@ def recorded_arguments():
 
 
 @pytest.mark.parametrize(
-    "name, recipe, loader, required, demo_data",
+    "name, recipe, loader, required, demo_data, samples",
     [
-        ("train_cvs", cvs, "load_cvs_config", {"backbone", "lora_r", "data_dir", "seed"}, "data.data_dir"),
+        (
+            "train_cvs",
+            cvs,
+            "load_cvs_config",
+            {"backbone", "lora_r", "data_dir", "seed", "register_as"},
+            "data.data_dir",
+            {},
+        ),
         (
             "train_caption",
             caption,
             "load_caption_config",
-            {"encoder", "lm", "fusion", "fusion_layers", "data_dir", "seed"},
+            {"encoder", "lm", "fusion", "fusion_layers", "data_dir", "seed", "register_as"},
             "data.data_dir",
+            {},
         ),
-        ("probe", probe, "load_probe_config", {"manifest", "backbone", "checkpoint", "seeds"}, "data.manifest"),
+        (
+            "probe",
+            probe,
+            "load_probe_config",
+            {"manifest", "backbone", "checkpoint", "seeds", "register_as"},
+            "data.manifest",
+            {},
+        ),
+        # a train_ave run registers nothing (the `ave` chain registers a claim): no register_as
+        (
+            "train_ave",
+            ave,
+            "load_ave_config",
+            {"allocation", "eventness", "scores_file", "data_dir", "seed", "test"},
+            "data.data_dir",
+            {"dataset": "demo"},
+        ),
     ],
-    ids=["train_cvs", "train_caption", "probe"],
+    ids=["train_cvs", "train_caption", "probe", "train_ave"],
 )
 def test_every_mlproject_parameter_reaches_a_parser_and_its_config_key(
-    name, recipe, loader, required, demo_data, monkeypatch
+    name, recipe, loader, required, demo_data, samples, monkeypatch
 ):
     """MLproject's command, rendered as `mlflow run` renders it, parsed by the launcher and the entry point: each
     parameter arrives where it belongs, and every parser argument is a parameter or CLI-only."""
@@ -139,8 +178,9 @@ def test_every_mlproject_parameter_reaches_a_parser_and_its_config_key(
     from avlm import launch
 
     entry = load_project(str(REPO)).get_entry_point(name)
-    assert required | {"config", "epochs", "register_as"} | LAUNCHER_PARAMETERS <= set(entry.parameters)
-    samples = {parameter: SHORTCUT_SAMPLES.get(parameter, f"sample {parameter}") for parameter in entry.parameters}
+    assert required | {"config", "epochs"} | LAUNCHER_PARAMETERS <= set(entry.parameters)
+    shortcut_samples = {**SHORTCUT_SAMPLES, **samples}
+    samples = {parameter: shortcut_samples.get(parameter, f"sample {parameter}") for parameter in entry.parameters}
     argv = shlex.split(entry.compute_command(samples, storage_dir=None))  # storage_dir=None: paths stay as given
     assert argv[:3] == ["python", "-m", "avlm.launch"], argv
     with recorded_arguments() as launcher_arguments:
@@ -163,9 +203,9 @@ def test_every_mlproject_parameter_reaches_a_parser_and_its_config_key(
     assert set(launcher_arguments) - {"help", "command"} == LAUNCHER_PARAMETERS
 
     for shortcut, key in module.SHORTCUTS.items():
-        cfg = load(None, [f"{key}={SHORTCUT_SAMPLES[shortcut]}"])  # every shortcut names a real config key
+        cfg = load(None, [f"{key}={shortcut_samples[shortcut]}"])  # every shortcut names a real config key
         value = config_value(cfg, key)
-        assert value == yaml.safe_load(SHORTCUT_SAMPLES[shortcut]) or str(value) == SHORTCUT_SAMPLES[shortcut]
+        assert value == yaml.safe_load(shortcut_samples[shortcut]) or str(value) == shortcut_samples[shortcut]
     cfg = load(REPO / entry.parameters["config"].default)
     assert config_value(cfg, demo_data) == ""  # the default config runs on built-in demo data
 

@@ -95,7 +95,7 @@ from avlm.protocol.rules import (
     rule_sha256,
     rule_to_dict,
 )
-from avlm.protocol.spec import SweepSpec, resolve_cells, resolve_repo_path, sweep_spec_from_dict
+from avlm.protocol.spec import RECIPES, SweepSpec, resolve_cells, resolve_repo_path, sweep_spec_from_dict
 from avlm.protocol.sweep import SweepResult, run_sweep
 from avlm.tracking import resolve_tracking_uri
 from avlm.tracking.chain_runs import (
@@ -167,9 +167,11 @@ class Promotion:
 
     Attributes:
         model: registered model name; empty = register nothing.
+        aliases: aliases the version gets when the gate promotes it, beside ``champion`` (e.g. ``claimed``).
     """
 
     model: str = ""
+    aliases: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -228,7 +230,7 @@ class ChainSpec:
 
     Attributes:
         name: the chain's name (its run's name).
-        recipe: the recipe every run trains (train_cvs | train_caption | probe).
+        recipe: the recipe every run trains (train_cvs | train_caption | probe | train_ave).
         base_config: the recipe's config file, relative to the repository root (or absolute).
         overrides: config key → value for every run of every stage.
         baseline: the baseline cell.
@@ -688,6 +690,7 @@ def run_chain(spec: ChainSpec, *, workers: int = 1, storage: str = "") -> ChainR
             swept = run_sweep(sweep_spec, workers=workers, storage=storage, parent_run_id=stage_run)
             decision = decide_stage(stage, spec.baseline.name, swept)
             _record(runs, chain.run_id, decision)
+            _report(runs, chain.run_id, spec.recipe, stage, decision, swept)
             runs.set_status(stage_run, "FINISHED")
             stage_run = ""
             result.decisions.append(decision)
@@ -736,11 +739,43 @@ def _record(runs: ChainRuns, chain_run_id: str, decision: StageDecision) -> None
     )
 
 
+def _report(
+    runs: ChainRuns, chain_run_id: str, recipe: str, stage: Stage, decision: StageDecision, swept: SweepResult
+) -> None:
+    """The stage's figures and the recipe's own view of it, logged on the stage run (``report/``) and the chain
+    run (``chain/<stage>/``): for every stage with evidence, the rule's first metric's Δ per seed with its 95 %
+    bootstrap CI; then whatever the recipe module's ``chain_stage_report(decision, swept, folder, download)``
+    writes (e.g. AVE's diagnose)."""
+    import importlib
+    import tempfile
+
+    from avlm.stats import bootstrap_ci
+    from avlm.tracking import plots
+
+    with tempfile.TemporaryDirectory(prefix="avlm-chain-") as tmp:
+        folder = Path(tmp)
+        evidence = decision.evidence
+        if evidence is not None and evidence.baseline is not None and stage.rule is not None:
+            metric = stage.rule.conditions[0].metric
+            candidate, baseline = evidence.candidate.get(metric, {}), evidence.baseline.get(metric, {})
+            deltas = [candidate[s] - baseline[s] for s in candidate if s in baseline]
+            if len(deltas) >= 2:
+                ci = bootstrap_ci(deltas, method="percentile")
+                figure = plots.paired_deltas(candidate, baseline, metric=metric, interval=(ci.low, ci.high))
+                plots.save_and_close(figure, folder / "delta_per_seed.png")
+        hook = getattr(importlib.import_module(RECIPES[recipe][0]), "chain_stage_report", None)
+        if hook is not None:
+            hook(decision, swept, folder, runs.download_file)
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            runs.log_file(decision.stage_run_id, path, "report")
+            runs.log_file(chain_run_id, path, f"chain/{decision.stage}")
+
+
 def _promote(runs: ChainRuns, chain_run_id: str, spec: ChainSpec, result: ChainResult) -> None:
     """Register the passed chain's candidate (a reference to the last stage's first-seed run's best checkpoint)
     and put it through the registry's rule gate with the last stage's rule and evidence. A resumed chain that
     registered already does not register again."""
-    from avlm.tracking.registry import promote_with_rule, register_reference
+    from avlm.tracking.registry import promote_with_rule, register_reference, set_aliases
 
     last, stage = result.decisions[-1], spec.stages[-1]
     held = runs.tags(chain_run_id).get(REGISTERED_TAG)
@@ -762,4 +797,6 @@ def _promote(runs: ChainRuns, chain_run_id: str, spec: ChainSpec, result: ChainR
         spec.promote.model, version.version, stage.rule, last.evidence, frozen_by_run_id=last.stage_run_id
     )
     result.registered_version, result.promoted = str(version.version), decision.promoted
+    if decision.promoted and spec.promote.aliases:
+        set_aliases(spec.promote.model, version.version, spec.promote.aliases)
     runs.set_tags(chain_run_id, {REGISTERED_TAG: result.registered_version, "avlm.chain.promotion": decision.decision})

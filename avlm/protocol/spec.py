@@ -4,7 +4,7 @@ A spec is YAML (``examples/sweeps/*.yaml``), typed and validated with :mod:`avlm
 wrong type is refused with the key and the file named::
 
     name: cvs-demo-lr
-    recipe: train_cvs                      # train_cvs | train_caption | probe (entrypoints/<recipe>.py)
+    recipe: train_cvs                      # train_cvs | train_caption | probe | train_ave (entrypoints/<recipe>.py)
     base_config: examples/cvs/demo.yaml    # relative to the repository root, or absolute
     overrides: {train.epochs: 2}           # every cell
     grid: {train.lr: [0.001, 0.003]}       # cells = the product of the grid's values ...
@@ -51,6 +51,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "train_cvs": ("avlm.recipes.cvs", "load_cvs_config"),
     "train_caption": ("avlm.recipes.caption", "load_caption_config"),
     "probe": ("avlm.recipes.probe", "load_probe_config"),
+    "train_ave": ("avlm.recipes.ave", "load_ave_config"),
 }
 
 # Keys the sweep sets on every child itself; a spec that sets them would be silently overruled.
@@ -137,7 +138,7 @@ class SweepSpec:
 
     Attributes:
         name: the sweep's name (tags, run names, the Optuna study).
-        recipe: the entry point each child runs: train_cvs, train_caption or probe.
+        recipe: the entry point each child runs: train_cvs, train_caption, probe or train_ave.
         base_config: the recipe config every cell starts from; relative to the repository root, or absolute.
         overrides: dotted key -> value applied to every cell.
         grid: dotted key -> list of values; the cells are their product, named ``key=value,key=value``.

@@ -173,6 +173,17 @@ class SweepRuns:
     def log_file(self, run_id: str, path: str | Path, artifact_dir: str) -> None:
         _retried(lambda: self.client.log_artifact(run_id, str(path), artifact_dir), "log artifact")
 
+    def download_file(self, run_id: str, artifact_path: str, destination: str | Path) -> Path | None:
+        """Download one artifact file of a run into ``destination``; None when the run has no such file."""
+        parent = str(Path(artifact_path).parent)
+        listed = _retried(lambda: self.client.list_artifacts(run_id, None if parent == "." else parent), "list")
+        if not any(info.path == artifact_path and not info.is_dir for info in listed):
+            return None
+        target = Path(destination) / run_id
+        target.mkdir(parents=True, exist_ok=True)
+        local = _retried(lambda: self.client.download_artifacts(run_id, artifact_path, str(target)), "download")
+        return Path(local)
+
     def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 

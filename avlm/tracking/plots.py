@@ -1,8 +1,10 @@
-"""Plots logged with each run, for what a table shows badly: curves over epochs, PR curves, per-layer entropy."""
+"""Plots logged with each run, for what a table shows badly: curves over epochs, PR curves, per-layer entropy,
+AVE's scores and anchors per clip, a chain stage's paired deltas."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
@@ -14,6 +16,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve  # noqa: E402
 
 if TYPE_CHECKING:
+    from avlm.ave.diagnose import ClipOutcome
     from avlm.probe.gate import AblationRow
 
 
@@ -105,6 +108,79 @@ def probe_cells(rows: Sequence[AblationRow]) -> plt.Figure:
     seeds = sorted({row.seeds for row in rows})
     ax.set_ylabel(f"{'/'.join(splits)} mAP (mean ± std over {'/'.join(map(str, seeds))} seeds)")
     ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_and_close(figure: plt.Figure, path: str | Path) -> Path:
+    """Write ``figure`` to ``path`` (PNG) and free it: files a run's logger does not own (a chain's stage files)."""
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return Path(path)
+
+
+def eventness_examples(outcomes: Sequence[ClipOutcome], classes: Sequence[str]) -> plt.Figure:
+    """One panel per clip: its Stage-1 scores per second, the seconds labelled as an event (shaded, with the
+    class), the anchors (stars), the resolution each second got (bars, right axis) and the errors (red ×)."""
+    fig, axes = plt.subplots(len(outcomes), 1, figsize=(8, 2.2 * max(len(outcomes), 1)), squeeze=False)
+    for ax, clip in zip(axes[:, 0], outcomes, strict=False):
+        seconds = np.arange(len(clip.scores))
+        for t, label in enumerate(clip.labels):
+            if label:
+                ax.axvspan(t - 0.5, t + 0.5, color="tab:green", alpha=0.15, lw=0)
+        ax.plot(seconds, clip.scores, marker="o", color="tab:blue", label="eventness")
+        anchors = [t for t in clip.anchors if 0 <= t < len(clip.scores)]
+        ax.plot(anchors, [clip.scores[t] for t in anchors], "*", ms=14, color="tab:orange", label="anchor")
+        wrong = [t for t in seconds if clip.predictions[t] != clip.labels[t]]
+        ax.plot(wrong, [clip.scores[t] for t in wrong], "x", ms=8, color="tab:red", label="wrong")
+        twin = ax.twinx()
+        twin.bar(seconds, clip.resolutions, width=0.6, color="grey", alpha=0.25)
+        twin.set_ylabel("px", fontsize=8)
+        events = sorted({classes[label] for label in clip.labels if label})
+        note = f" — fell back: {clip.reason}" if clip.fallback else ""
+        ax.set_title(f"{clip.video_id}: {', '.join(events) or 'no event'}{note}", fontsize=9)
+        ax.set_xticks(seconds)
+        ax.set_ylabel("score", fontsize=8)
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    axes[-1, 0].set_xlabel("second (shaded: labelled event; bars: resolution)")
+    fig.tight_layout()
+    return fig
+
+
+def fallback_per_candidate(fallback: Mapping[str, Sequence[float]], *, split: str, winner: str) -> plt.Figure:
+    """The fraction of clips whose anchored allocation fell back to uniform, per candidate cell (mean ± std over
+    its seeds; the stage's candidate in orange)."""
+    names = list(fallback)
+    means = [float(np.nanmean(fallback[n])) if len(fallback[n]) else np.nan for n in names]
+    stds = [float(np.nanstd(fallback[n])) if len(fallback[n]) else 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names) + 2), 4))
+    colors = ["tab:orange" if n == winner else "tab:blue" for n in names]
+    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{split} fallback fraction")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def paired_deltas(
+    candidate: Mapping[str, float], baseline: Mapping[str, float], *, metric: str, interval: tuple[float, float]
+) -> plt.Figure:
+    """Candidate − baseline of ``metric`` per seed (paired by seed), their mean and its confidence ``interval``."""
+    seeds = sorted(set(candidate) & set(baseline), key=lambda s: (len(s), s))
+    deltas = [candidate[s] - baseline[s] for s in seeds]
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(seeds) + 3), 4))
+    ax.bar(range(len(seeds)), deltas, color=["tab:green" if d > 0 else "tab:red" for d in deltas])
+    mean = float(np.mean(deltas)) if deltas else np.nan
+    ax.axhline(mean, color="black", lw=1, label=f"mean Δ {mean:+.4f}")
+    ax.axhspan(
+        interval[0], interval[1], color="grey", alpha=0.2, label=f"95% CI [{interval[0]:+.4f}, {interval[1]:+.4f}]"
+    )
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds], rotation=30, fontsize=8)
+    ax.set_ylabel(f"Δ {metric} (candidate − baseline)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -1135,6 +1135,16 @@ def _move_champion(client: Any, name: str, version: str, *, superseding: str | N
         client.set_model_version_tag(name, superseding, SUPERSEDED_TAG, version)
 
 
+def set_aliases(name: str, version: str | int, aliases: Sequence[str]) -> None:
+    """Point ``aliases`` of registered model ``name`` at ``version`` (e.g. a chain's ``claimed`` beside ``champion``,
+    after its gate promoted it): an alias names one version, so each moves from wherever it was."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, str(version))
+
+
 def promote_by_hand(name: str, version: str | int, *, force: bool = False, reason: str = "") -> DecisionRecord | None:
     """Make ``version`` champion on a person's request (``avlm registry promote``), recorded as a decision.
 

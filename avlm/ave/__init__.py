@@ -1,0 +1,1 @@
+"""AVE: audio-visual event localisation with anchored token allocation."""
