@@ -2,6 +2,7 @@
 
 avlm tracking replay <run folder>
 avlm registry show|history|promote|check|rollback NAME ...
+avlm ave diagnose --candidate RUN ... --baseline RUN ... [--split test] [--out DIR]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from avlm.ave import cli as ave_cli
 from avlm.errors import AvlmError
 from avlm.tracking import cli as tracking_cli
 from avlm.tracking import registry_cli
@@ -22,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups = parser.add_subparsers(dest="group", required=True)
     tracking_cli.add_commands(groups)
     registry_cli.add_commands(groups)
+    ave_cli.add_commands(groups)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

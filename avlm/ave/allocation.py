@@ -105,14 +105,16 @@ class AllocationConfig:
         for key in ("base_resolution", "high_resolution"):
             if getattr(self, key) <= 0:
                 refuse(key, f"must be > 0, got {getattr(self, key)}")
-        if self.high_resolution <= self.base_resolution:
+        # uniform spends base_resolution alone: how the others relate to it matters to anchored plans only (a sweep
+        # over uniform budgets keeps one anchored section for its anchored cells)
+        if self.method == "anchored" and self.high_resolution <= self.base_resolution:
             refuse("high_resolution", f"{self.high_resolution} must be above base_resolution {self.base_resolution}")
         if self.mid_resolution and not 0 < self.mid_resolution < self.high_resolution:
             refuse(
                 "mid_resolution", f"must be 0 (= the base) or in (0, {self.high_resolution}), got {self.mid_resolution}"
             )
         for r in self.low_resolutions:
-            if not 0 < r < self.base_resolution:
+            if not 0 < r < (self.base_resolution if self.method == "anchored" else float("inf")):
                 refuse("low_resolutions", f"{r} must be > 0 and below base_resolution {self.base_resolution}")
         if len(set(self.low_resolutions)) != len(self.low_resolutions):
             refuse("low_resolutions", f"repeats a resolution: {self.low_resolutions}")

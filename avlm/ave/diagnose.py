@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import shutil
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from avlm.ave.allocation import SECONDS, reason_code
 from avlm.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 # Bucket values in display order; a clip without anchors (uniform, fallback) has distance "no_anchor".
 BUCKET_VALUES: dict[str, tuple[str, ...]] = {
@@ -431,3 +435,48 @@ def diagnose_markdown(report: Mapping[str, Any]) -> str:
     else:
         lines.append("None: no bucket has Δ < 0.")
     return "\n".join(lines) + "\n"
+
+
+# How a run's per-clip outcomes of a split are stored among its artifacts (written by the train_ave recipe).
+PREDICTIONS_ARTIFACT = "predictions/{split}.json"
+
+
+def diagnose_runs(
+    candidate: Mapping[int, str],
+    baseline: Mapping[int, str],
+    *,
+    split: str,
+    download: Callable[[str, str, Path], Path | None],
+    folder: Path,
+) -> dict | None:
+    """:func:`diagnose` of runs: each run's ``predictions/<split>.json`` downloaded, paired by seed, the report
+    written as ``diagnose.json`` and ``diagnose.md`` in ``folder``.
+
+    Args:
+        candidate / baseline: seed → run id (the same seeds on both sides).
+        split: the evaluated split whose predictions are compared (``val`` or ``test``).
+        download: ``download(run_id, artifact_path, destination)`` → the local file, or None when the run has none
+            (:meth:`avlm.tracking.children.SweepRuns.download_file`).
+        folder: where the report files go (downloads go to a sub-folder removed afterwards).
+
+    Returns:
+        The report (with ``split`` added), or None when a run has no predictions for the split.
+    """
+    sides: dict[str, dict[int, dict[str, ClipOutcome]]] = {"candidate": {}, "baseline": {}}
+    scratch = folder / "downloads"
+    try:
+        for name, runs in (("candidate", candidate), ("baseline", baseline)):
+            for seed, run_id in sorted(runs.items()):
+                path = download(run_id, PREDICTIONS_ARTIFACT.format(split=split), scratch / name)
+                if path is None:
+                    logger.warning("run %s has no %s: no diagnose", run_id, PREDICTIONS_ARTIFACT.format(split=split))
+                    return None
+                sides[name][seed] = read_outcomes(path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    # the anchors' resolution as the candidate's runs were planned (the config may have set it anywhere)
+    high = max(r for clips in sides["candidate"].values() for clip in clips.values() for r in clip.resolutions)
+    report = {**diagnose(sides["candidate"], sides["baseline"], high_resolution=high), "split": split}
+    (folder / "diagnose.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / "diagnose.md").write_text(diagnose_markdown(report), encoding="utf-8")
+    return report

@@ -22,9 +22,7 @@ Run it::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +39,7 @@ from avlm.ave.allocation import (
     plan_clips,
     plan_summary,
 )
-from avlm.ave.diagnose import ClipOutcome, anchor_hits, diagnose, diagnose_markdown, read_outcomes, write_outcomes
+from avlm.ave.diagnose import ClipOutcome, anchor_hits, diagnose_runs, write_outcomes
 from avlm.ave.eventness import EventnessConfig, EventnessInputs, cached_eventness_scores, write_scores
 from avlm.ave.features import AveFeatures, AveFeaturesConfig, load_ave_features
 from avlm.config import load_config
@@ -68,7 +66,6 @@ from avlm.train import (
 logger = logging.getLogger(__name__)
 
 RECIPE = "ave"
-PREDICTIONS_FILE = "predictions/{split}.json"  # run artifact: one ClipOutcome per clip of the split
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -517,25 +514,25 @@ def chain_stage_report(decision: Any, swept: Any, folder: Path, download: Any) -
         decision: the stage's :class:`avlm.protocol.chain.StageDecision`.
         swept: its :class:`avlm.protocol.sweep.SweepResult`.
         folder: where to write the files (the chain logs them on the stage run and the chain run).
-        download: ``download(run_id, artifact_path, destination) -> Path | None`` (avlm.tracking.artifacts).
+        download: ``download(run_id, artifact_path, destination) -> Path | None``.
     """
     runs = swept.runs
     candidate, baseline = runs.get(decision.candidate, {}), runs.get(decision.baseline, {})
     seeds = sorted(set(candidate) & set(baseline))
     split = "test" if seeds and "final/test_accuracy" in candidate[seeds[0]].metrics else "val"
-    sides: dict[str, dict[int, dict[str, ClipOutcome]]] = {"candidate": {}, "baseline": {}}
-    for name, side in (("candidate", candidate), ("baseline", baseline)):
-        for seed in seeds:
-            path = download(side[seed].run_id, PREDICTIONS_FILE.format(split=split), folder / "downloads" / name)
-            if path is not None:
-                sides[name][seed] = read_outcomes(path)
-    if sides["candidate"] and sides["candidate"].keys() == sides["baseline"].keys():
-        # the anchors' resolution, as the runs were planned (the config may have set it anywhere)
-        high = max(r for clips in sides["candidate"].values() for clip in clips.values() for r in clip.resolutions)
-        report = diagnose(sides["candidate"], sides["baseline"], high_resolution=high)
-        report["split"], report["candidate"], report["stage"] = split, decision.candidate, decision.stage
-        (folder / "diagnose.json").write_text(json.dumps(report, indent=2, sort_keys=True), encoding="utf-8")
-        (folder / "diagnose.md").write_text(diagnose_markdown(report), encoding="utf-8")
+    if seeds:
+        report = diagnose_runs(
+            {s: candidate[s].run_id for s in seeds},
+            {s: baseline[s].run_id for s in seeds},
+            split=split,
+            download=download,
+            folder=folder,
+        )
+        if report is not None:
+            logger.info(
+                "stage %s diagnose (%s): Δ %+.4f, fallback %.3f, anchor precision %s", decision.stage, split,
+                report["accuracy"]["delta"], report["fallback"]["frac"], report["anchors"]["precision"],
+            )  # fmt: skip
     fallback = {
         cell.name: [c.metrics.get(f"alloc/{split}_fallback_frac", np.nan) for c in runs.get(cell.name, {}).values()]
         for cell in swept.cells
@@ -544,4 +541,3 @@ def chain_stage_report(decision: Any, swept: Any, folder: Path, download: Any) -
     if fallback:
         figure = plots.fallback_per_candidate(fallback, split=split, winner=decision.candidate)
         plots.save_and_close(figure, folder / "fallback_per_candidate.png")
-    shutil.rmtree(folder / "downloads", ignore_errors=True)

@@ -2,7 +2,8 @@
 
 A report spec (:mod:`avlm.report.spec`) names the runs (experiments, filter), how they group (configuration =
 ``cfg.*`` params minus the seed and ignored params), the kind's tables and figures (:mod:`avlm.report.cvs`,
-:mod:`avlm.report.captioning`, :mod:`avlm.report.generic`) and the targets of the "publishable?" checklist.
+:mod:`avlm.report.captioning`, :mod:`avlm.report.generic`, :mod:`avlm.report.ave`) and the targets of the
+"publishable?" checklist.
 :func:`run_report` reads the runs (``avlm.tracking.run_table``), builds the folder (:func:`build_report`:
 Markdown, HTML and CSV tables, PNG and SVG figures, byte-stable) and logs it as a ``report`` run's artifacts.
 """

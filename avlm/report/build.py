@@ -26,7 +26,7 @@ import yaml
 
 from avlm.config import config_to_dict, flatten_config
 from avlm.errors import ConfigError
-from avlm.report import captioning, cvs, generic
+from avlm.report import ave, captioning, cvs, generic
 from avlm.report.context import ReportContext, RunSource, Section
 from avlm.report.figures import save_figure
 from avlm.report.grouping import CONFIG_PREFIX, RunGroup
@@ -37,7 +37,12 @@ from avlm.tracking.run_table import RunRecord
 
 logger = logging.getLogger(__name__)
 
-KIND_SECTIONS = {"cvs": cvs.sections, "captioning": captioning.sections, "generic": generic.sections}
+KIND_SECTIONS = {
+    "cvs": cvs.sections,
+    "captioning": captioning.sections,
+    "generic": generic.sections,
+    "ave": ave.sections,
+}
 REPORT_RECIPE = "report"  # the `recipe` tag of report runs, which reports never read back as runs
 MARKER_FILE = "report.md"
 

@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # headless: reports are built on training machines and in
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 SVG_HASH_SALT = "avlm-report"
 DPI = 120
@@ -30,6 +30,18 @@ def save_figure(figure: plt.Figure, folder: Path, name: str) -> list[Path]:
         figure.savefig(svg, format="svg", metadata={"Date": None})
     plt.close(figure)
     return [png, svg]
+
+
+def _finish(fig: plt.Figure, ax: plt.Axes, *, xlabel: str, ylabel: str, title: str, legend: bool) -> plt.Figure:
+    """The common end of a one-panel figure: axis labels, a small title, a light grid, the legend, a tight layout."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +63,7 @@ def curves_with_bands(curves: Sequence[Curve], *, ylabel: str, title: str) -> pl
         ax.plot(curve.epochs, curve.mean, marker="o", color=color, label=curve.label)
         ax.fill_between(curve.epochs, curve.low, curve.high, color=color, alpha=0.2, linewidth=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, xlabel="epoch", ylabel=ylabel, title=title, legend=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,15 +141,61 @@ def scatter_with_front(
     front = pareto_front(points, maximize_x=maximize_x)
     if len(front) > 1:
         ax.plot([p.x for p in front], [p.y for p in front], "--", color="grey", lw=1, label="front")
-        ax.legend(fontsize=8)
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, xlabel=xlabel, ylabel=ylabel, title=title, legend=len(front) > 1)
+
+
+MARKERS = ("s", "D", "^", "v", "P", "X", "*")
+
+
+def line_with_markers(
+    line: Sequence[Point],
+    markers: Sequence[Point],
+    *,
+    line_label: str,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    log_x: bool = False,
+) -> plt.Figure:
+    """A reference series as a line through its points (by x) and other configurations as labelled markers, each
+    with error bars; a dotted guide at each marker's y shows where the line reaches it (what x the reference needs
+    to match it). The x ticks are the points' own x values."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    line = sorted(line, key=lambda p: p.x)
+    if line:
+        ax.errorbar(
+            [p.x for p in line],
+            [p.y for p in line],
+            yerr=[p.yerr for p in line],
+            fmt="-o",
+            capsize=3,
+            color="C0",
+            label=line_label,
+        )
+    for index, point in enumerate(markers):
+        color = f"C{(index + 1) % 10}"
+        ax.axhline(point.y, color=color, ls=":", lw=0.8)
+        ax.errorbar(
+            [point.x],
+            [point.y],
+            yerr=[point.yerr],
+            fmt=MARKERS[index % len(MARKERS)],
+            markersize=7,
+            capsize=3,
+            color=color,
+            label=point.label,
+        )
+        # markers often share an x (one budget): stagger their labels
+        ax.annotate(point.label, (point.x, point.y), textcoords="offset points", xytext=(6, 4 + 9 * index), fontsize=7)
+    if log_x:
+        ax.set_xscale("log")
+    ticks = sorted({p.x for p in [*line, *markers]})
+    if ticks:
+        ax.set_xticks(ticks, [f"{x:,.0f}" for x in ticks], fontsize=8)
+        ax.xaxis.set_minor_locator(NullLocator())
+    return _finish(fig, ax, xlabel=xlabel, ylabel=ylabel, title=title, legend=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,15 +19,15 @@ from avlm.config import config_from_dict, config_to_dict, load_config
 from avlm.errors import ConfigError
 from avlm.tracking.mlflow_logger import TrackingConfig
 
-KINDS = ("cvs", "captioning", "generic")
+KINDS = ("cvs", "captioning", "generic", "ave")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "SCHEDULED")
 CAPTION_FIGURES = ("F1", "F2", "pareto", "gate_heatmap", "stability")
 # The experiment each kind reads when the spec names none: the one its recipe logs to by default.
-DEFAULT_EXPERIMENTS = {"cvs": ["avlm-cvs"], "captioning": ["avlm-caption"], "generic": []}
+DEFAULT_EXPERIMENTS = {"cvs": ["avlm-cvs"], "captioning": ["avlm-caption"], "generic": [], "ave": ["avlm-ave"]}
 # Params that never make two runs different configurations: where outputs go, resuming, tracking, registration.
 DEFAULT_IGNORED_PARAMS = ["cfg.output_dir", "cfg.resume", "cfg.tracking.*", "cfg.registry.*", "cfg.data.cache_dir"]
 # A captioning run without a `training` tag was trained with cross-entropy only; +SCST runs carry training=xe+scst.
-DEFAULT_GROUP_TAGS = {"cvs": [], "captioning": ["training=xe"], "generic": []}
+DEFAULT_GROUP_TAGS = {"cvs": [], "captioning": ["training=xe"], "generic": [], "ave": []}
 _TARGET = re.compile(
     r"^\s*(?P<metric>\S+)\s*(?P<op>>=|<=|>|<)\s*(?P<threshold>\S+)\s*(?:@\s*(?P<group>.+?))?"
     r"\s*(?:\bin\s+(?P<table>\S+))?\s*$"
@@ -39,7 +39,8 @@ class RunSelection:
     """Which runs the report reads.
 
     Attributes:
-        experiments: MLflow experiment names; empty = the kind's recipe experiment (``avlm-cvs``, ``avlm-caption``).
+        experiments: MLflow experiment names; empty = the kind's recipe experiment (``avlm-cvs``, ``avlm-caption``,
+            ``avlm-ave``).
         filter: an MLflow search filter, e.g. ``"tags.dataset = 'cvs-demo'"``; empty = every run.
         statuses: keep runs with these statuses only (a FAILED run's metrics stop where it failed).
     """
@@ -218,6 +219,29 @@ class CaptioningSection:
 
 
 @dataclasses.dataclass
+class AveSection:
+    """AVE accuracy against the visual token budget: uniform allocation as a line through its budgets, each anchored
+    configuration as a marker at its own budget.
+
+    Attributes:
+        split: the split of the accuracy and the fallback fraction (``final/<split>_accuracy`` of the best
+            checkpoint, ``alloc/<split>_fallback_frac``).
+        test_split: a column of ``final/<test_split>_accuracy`` when runs have it (``eval.test=true``); empty = none.
+        budget_metric: the visual tokens per clip each run logs (the ``token_budget`` tag when a run lacks it).
+        log_x: draw the budget axis on a log scale (resolutions grow the tokens quadratically).
+    """
+
+    split: str = "val"
+    test_split: str = "test"
+    budget_metric: str = "alloc/tokens_per_clip"
+    log_x: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.split:
+            raise ConfigError("config key 'ave.split' must name a split (val, test)")
+
+
+@dataclasses.dataclass
 class GenericSection:
     """A "metric × group" table with bootstrap CIs over seeds, for any recipe.
 
@@ -234,8 +258,8 @@ class ReportSpec:
 
     Attributes:
         name: the report's name (its run name is ``report-<name>``, its folder ``<output_dir>/<name>``).
-        kind: ``cvs``, ``captioning`` or ``generic``; each kind adds its tables and figures, and any spec may add a
-            generic table (``generic.metrics``).
+        kind: ``cvs``, ``captioning``, ``generic`` or ``ave``; each kind adds its tables and figures, and any spec
+            may add a generic table (``generic.metrics``).
         runs: which runs to read.
         group: how runs group into configurations.
         targets: the checklist, each a :class:`Target` mapping or a string ``"METRIC OP THRESHOLD [@ GROUP] [in
@@ -248,7 +272,7 @@ class ReportSpec:
     """
 
     name: str
-    kind: Literal["cvs", "captioning", "generic"]
+    kind: Literal["cvs", "captioning", "generic", "ave"]
     runs: RunSelection = dataclasses.field(default_factory=RunSelection)
     group: Grouping = dataclasses.field(default_factory=Grouping)
     targets: list[Any] = dataclasses.field(default_factory=list)
@@ -257,6 +281,7 @@ class ReportSpec:
     cvs: CvsSection = dataclasses.field(default_factory=CvsSection)
     captioning: CaptioningSection = dataclasses.field(default_factory=CaptioningSection)
     generic: GenericSection = dataclasses.field(default_factory=GenericSection)
+    ave: AveSection = dataclasses.field(default_factory=AveSection)
     output_dir: str = "outputs/reports"
     tracking: TrackingConfig = dataclasses.field(default_factory=lambda: TrackingConfig(system_metrics=False))
 

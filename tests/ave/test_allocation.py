@@ -226,8 +226,8 @@ def test_check_allocation_refuses_resolutions_the_cache_lacks():
     [
         ({"k": 0}, "k"),
         ({"base_resolution": 0}, "base_resolution"),
-        ({"high_resolution": 112}, "high_resolution"),
-        ({"low_resolutions": [112]}, "low_resolutions"),
+        ({"method": "anchored", "high_resolution": 112}, "high_resolution"),
+        ({"method": "anchored", "low_resolutions": [112]}, "low_resolutions"),
         ({"low_resolutions": [80, 80]}, "low_resolutions"),
         ({"mid_resolution": 176}, "mid_resolution"),
         ({"min_gap": 0}, "min_gap"),
@@ -243,6 +243,15 @@ def test_check_allocation_refuses_resolutions_the_cache_lacks():
 def test_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=rf"^config key 'allocation\.{key}'"):
         config_from_dict(Recipe, {"allocation": kwargs})
+
+
+@pytest.mark.parametrize("base", [56, 80, 112, 176])
+def test_uniform_accepts_any_cached_base_whatever_the_anchored_keys_say(base):
+    cfg = config_from_dict(AllocationConfig, {"method": "uniform", "base_resolution": base})
+    assert allocation_budget(cfg, DEMO) == 10 * DEMO[base]
+    assert plan_clips(None, ["a"], cfg, DEMO)["a"].resolutions == (base,) * 10
+    with pytest.raises(ConfigError, match="allocation.high_resolution"):  # the same keys, anchored: refused
+        config_from_dict(AllocationConfig, {"method": "anchored", "base_resolution": 176})
 
 
 def test_config_from_a_mapping_with_a_nested_gate():

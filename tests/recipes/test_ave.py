@@ -69,6 +69,25 @@ def test_an_anchored_run_spends_the_uniform_budget_and_records_scores_plans_and_
     assert any(a.path == "checkpoints/best" for a in MlflowClient().list_artifacts(result.run_id, "checkpoints"))
 
 
+def test_avlm_ave_diagnose_pairs_runs_and_its_delta_is_the_runs_accuracy_difference(tmp_path, mlflow_store, capsys):
+    from avlm.__main__ import main
+
+    anchored = run("allocation.method=anchored", "eventness.method=oracle", "train.epochs=2", "seed=1")
+    uniform = run("allocation.method=uniform", "train.epochs=2", "seed=1")
+    out = tmp_path / "diag"
+    argv = ["ave", "diagnose", "--candidate", anchored.run_id, "--baseline", uniform.run_id, "--split", "val"]
+    assert main([*argv, "--out", str(out)]) == 0
+    report = json.loads((out / "diagnose.json").read_text())
+    delta = anchored.final_metrics["final/val_accuracy"] - uniform.final_metrics["final/val_accuracy"]
+    assert report["accuracy"]["delta"] == pytest.approx(delta) and report["split"] == "val"
+    assert report["anchors"]["precision"] == pytest.approx(anchored.final_metrics["alloc/val_anchor_precision"])
+    assert report["fallback"]["frac"] == 0.0  # the oracle's scores are never flat on the demo (one event per clip)
+    assert "## Harmful buckets" in (out / "diagnose.md").read_text()
+    assert f"Δ {delta:+.4f}" in capsys.readouterr().out
+    # a split the runs were not evaluated on: a clear error, exit 2
+    assert main([*argv[:-1], "test", "--out", str(out)]) == 2
+
+
 def test_a_budget_the_resolutions_cannot_pay_is_refused_before_any_run(mlflow_store):
     from avlm.errors import ConfigError
 
