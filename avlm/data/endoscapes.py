@@ -8,12 +8,13 @@ frames ending at it, so temporal models see the seconds leading up to the label.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ OFFICIAL_SPLIT_VIDEOS = {"train": range(1, 121), "val": range(121, 162), "test":
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _FRAME_NAME = re.compile(r"^(\d+)_(\d+)(\.[A-Za-z]+)$")
+FRAME_SELECTIONS = ("stride", "uniform")
 # The official evaluator rounds the annotator mean: 2 of 3 annotators make a positive.
 POSITIVE_THRESHOLD = 0.5
 
@@ -68,6 +70,8 @@ def load_endoscapes(
     clip_frames: int = 4,
     frame_stride: int = 25,
     annotation_file: str = "annotation_ds_coco.json",
+    frame_selection: str = "stride",
+    clip_window: int = 0,
 ) -> dict[str, list[ClipRecord]]:
     """Read the CVS-labelled clips of an Endoscapes2023 copy.
 
@@ -77,6 +81,11 @@ def load_endoscapes(
         clip_frames: Frames per clip, the labelled frame included.
         frame_stride: Distance between consecutive clip frames in frame numbers (25 = one second).
         annotation_file: Name of the COCO json with the ``ds`` labels inside each split folder.
+        frame_selection: ``stride`` (frames every ``frame_stride`` frame numbers, ending at the labelled one) or
+            ``uniform`` (``clip_frames`` positions spread evenly over the ``clip_window`` frame numbers before the
+            labelled frame, each taken as the latest frame on disk at or before it within the window).
+        clip_window: ``uniform`` only: span of the window in frame numbers; 0 = ``(clip_frames - 1) ·
+            frame_stride``, the span of a ``stride`` clip.
 
     Returns:
         Split name → records sorted by (video_id, frame_num). A clip frame missing on disk (start of the video or
@@ -93,6 +102,16 @@ def load_endoscapes(
         splits = (splits,)
     if clip_frames < 1 or frame_stride < 1:
         raise ValueError(f"clip_frames and frame_stride must be >= 1, got {clip_frames} and {frame_stride}")
+    if frame_selection not in FRAME_SELECTIONS or clip_window < 0:
+        raise ValueError(
+            f"frame_selection must be one of {list(FRAME_SELECTIONS)} and clip_window >= 0, got "
+            f"{frame_selection!r} and {clip_window}"
+        )
+    select = (
+        _StrideSelection(clip_frames, frame_stride)
+        if frame_selection == "stride"
+        else _UniformSelection(clip_frames, clip_window or (clip_frames - 1) * frame_stride)
+    )
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(
@@ -102,7 +121,7 @@ def load_endoscapes(
     root = root.resolve()
     result: dict[str, list[ClipRecord]] = {}
     for split in splits:
-        result[split] = _load_split(root, split, clip_frames, frame_stride, annotation_file)
+        result[split] = _load_split(root, split, select, annotation_file)
     _check_split_hygiene(root, result)
     # Decoded now, before any run exists, rather than trained on (a truncated JPEG decodes to grey).
     uses: dict[str, str] = {}
@@ -116,7 +135,9 @@ def load_endoscapes(
     return result
 
 
-def _load_split(root: Path, split: str, clip_frames: int, stride: int, annotation_file: str) -> list[ClipRecord]:
+def _load_split(
+    root: Path, split: str, select: Callable[[dict[int, str], int], tuple[str, ...]], annotation_file: str
+) -> list[ClipRecord]:
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"Endoscapes split folder {split_dir} does not exist (expected {split}/ under {root})")
@@ -132,13 +153,12 @@ def _load_split(root: Path, split: str, clip_frames: int, stride: int, annotatio
             raise DataError(
                 f"{json_path}: images[{index}] (file_name={file_name!r}): frame {split_dir / file_name} is not on disk"
             )
-        wanted = [frame_num - (clip_frames - 1 - j) * stride for j in range(clip_frames)]
         records.append(
             ClipRecord(
                 clip_id=f"{video_id}_{frame_num}",
                 video_id=video_id,
                 frame_num=frame_num,
-                frame_paths=_fill_clip([video_frames.get(n) for n in wanted]),
+                frame_paths=select(video_frames, frame_num),
                 labels=tuple(int(s >= POSITIVE_THRESHOLD) for s in scores),
                 scores=scores,
             )
@@ -164,6 +184,36 @@ def _index_frames(split_dir: Path) -> dict[int, dict[int, str]]:
                 )
             video_frames[frame_num] = str(split_dir / entry.name)
     return frames
+
+
+class _StrideSelection:
+    """Frames every ``stride`` frame numbers ending at the labelled one; missing ones filled by ``_fill_clip``."""
+
+    def __init__(self, clip_frames: int, stride: int):
+        self.clip_frames, self.stride = clip_frames, stride
+
+    def __call__(self, video_frames: dict[int, str], frame_num: int) -> tuple[str, ...]:
+        wanted = [frame_num - (self.clip_frames - 1 - j) * self.stride for j in range(self.clip_frames)]
+        return _fill_clip([video_frames.get(n) for n in wanted])
+
+
+class _UniformSelection:
+    """``clip_frames`` positions evenly over ``[labelled - window, labelled]``, each the latest frame on disk at or
+    before it inside the window (the earliest one in the window when none is), so the clip stays in time order."""
+
+    def __init__(self, clip_frames: int, window: int):
+        self.clip_frames, self.window = clip_frames, window
+
+    def __call__(self, video_frames: dict[int, str], frame_num: int) -> tuple[str, ...]:
+        start = frame_num - self.window
+        on_disk = sorted(n for n in video_frames if start <= n <= frame_num)  # holds the labelled frame
+        if self.clip_frames == 1:
+            positions = [frame_num]
+        else:  # rounded half up: positions on the stride grid stay exact
+            step = self.window / (self.clip_frames - 1)
+            positions = [math.floor(start + j * step + 0.5) for j in range(self.clip_frames)]
+        chosen = [on_disk[max(bisect.bisect_right(on_disk, p) - 1, 0)] for p in positions]
+        return tuple(video_frames[n] for n in chosen)
 
 
 def _fill_clip(paths: list[str | None]) -> tuple[str, ...]:

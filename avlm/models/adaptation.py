@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from avlm.errors import ConfigError, ModelError
+from avlm.models.backbones import VideoBackbone
 from avlm.models.classifier import VideoClassifier
 
 ADAPTATION_MODES = ("frozen", "lora", "unfreeze", "staged")
@@ -203,7 +204,10 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def parameter_groups(
-    model: nn.Module, parts: Sequence[tuple[str, nn.Module | None, float]], *, weight_decay: float
+    model: nn.Module,
+    parts: Sequence[tuple[str, nn.Module | Sequence[nn.Parameter] | None, float]],
+    *,
+    weight_decay: float,
 ) -> list[dict]:
     """AdamW parameter groups, one pair (decayed, not decayed) per named part of ``model``.
 
@@ -214,7 +218,8 @@ def parameter_groups(
 
     Args:
         model: the whole model (every trainable parameter of it lands in exactly one group).
-        parts: ``(name, module, lr)`` in priority order; ``module=None`` takes everything not in an earlier part.
+        parts: ``(name, module, lr)`` in priority order; ``module=None`` takes everything not in an earlier part,
+            and a list of parameters stands for a part that is no single module (a backbone's embeddings).
             E.g. ``[("head", m.head, 1e-3), ("backbone", m.backbone, 1e-4)]``.
         weight_decay: decay of the decayed groups.
 
@@ -226,7 +231,11 @@ def parameter_groups(
     """
     owner: dict[int, int] = {}
     for index, (_, module, _) in reversed(list(enumerate(parts))):
-        for param in (module or model).parameters():
+        if module is None:
+            members = model.parameters()
+        else:
+            members = module.parameters() if isinstance(module, nn.Module) else module
+        for param in members:
             owner[id(param)] = index  # earlier parts win: they are written last
     buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -248,3 +257,32 @@ def parameter_groups(
                     }
                 )
     return groups
+
+
+def layer_decay_parts(
+    backbone: VideoBackbone, backbone_lr: float, layer_decay: float, *, name: str = "backbone"
+) -> list[tuple[str, nn.Module | list[nn.Parameter], float]]:
+    """Layer-wise learning-rate decay (BEiT / MAE) as :func:`parameter_groups` parts of the backbone.
+
+    With ``L`` blocks, block ``i`` (0 = nearest the input) trains at ``backbone_lr · layer_decay ** (L - i)`` and
+    the embeddings (:meth:`VideoBackbone.embedding_parameters`) at ``backbone_lr · layer_decay ** (L + 1)``;
+    whatever else the backbone holds (its final norm) keeps ``backbone_lr``. So the blocks nearest the input,
+    which hold the most general features, move least.
+
+    Args:
+        backbone: the (possibly peft-wrapped) backbone; LoRA matrices belong to the block they are injected in.
+        backbone_lr: the top learning rate.
+        layer_decay: the factor per block, in (0, 1]; 1 gives every part ``backbone_lr``.
+        name: prefix of the part names: ``<name>_embeddings``, ``<name>_block_<i>``, ``<name>``.
+
+    Returns:
+        ``(part name, module or parameters, lr)`` for the embeddings, each block, then the rest of the backbone.
+    """
+    blocks = list(backbone.blocks())
+    depth = len(blocks)
+    parts: list[tuple[str, nn.Module | list[nn.Parameter], float]] = [
+        (f"{name}_embeddings", backbone.embedding_parameters(), backbone_lr * layer_decay ** (depth + 1))
+    ]
+    parts += [(f"{name}_block_{i}", block, backbone_lr * layer_decay ** (depth - i)) for i, block in enumerate(blocks)]
+    parts.append((name, backbone, backbone_lr))
+    return parts

@@ -51,6 +51,10 @@ _VJEPA2_TINY_CONFIG = dict(
     pred_num_attention_heads=2,
     pred_num_mask_tokens=2,
 )
+# What timm models hold below their first block (ViTs: patch_embed and the tokens; convnets: stem / conv1).
+_TIMM_EMBEDDING_ATTRIBUTES = frozenset(
+    {"patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre", "stem", "conv1", "bn1"}
+)
 _TIMM_TINY_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
 
 # User-facing LoRA target names -> module paths inside one block. The research log speaks of q_proj/k_proj/v_proj,
@@ -192,6 +196,11 @@ class VideoBackbone(nn.Module):
         """The transformer blocks in order (the last ones are unfrozen by ``unfreeze_last_blocks``)."""
         raise NotImplementedError
 
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The parameters below the first block (patch / tubelet embedding, CLS and position tokens): layer 0 of
+        layer-wise learning-rate decay."""
+        raise NotImplementedError
+
     def lora_target_regex(self, modules: Sequence[str]) -> str:
         """A regex over full module names for ``peft.LoraConfig(target_modules=...)``.
 
@@ -272,6 +281,9 @@ class VJEPA2Backbone(VideoBackbone):
 
     def blocks(self) -> nn.ModuleList:
         return self.base_model().encoder.layer
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return list(self.base_model().encoder.embeddings.parameters())
 
     def lora_target_regex(self, modules: Sequence[str]) -> str:
         # Anchored at "encoder.layer.N." so that the predictor's own query/key/value stay untouched.
@@ -362,12 +374,26 @@ class TimmFrameBackbone(VideoBackbone):
             return nn.ModuleList(stages)
         raise ModelError(f"backbone '{self.name}' has no blocks, stages or layers to unfreeze")
 
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return [
+            param
+            for name, param in self.base_model().named_parameters()
+            if name.split(".")[0] in _TIMM_EMBEDDING_ATTRIBUTES
+        ]
+
     def lora_target_regex(self, modules: Sequence[str]) -> str:
         return _regex_for(modules, _TIMM_LORA_TARGETS, r"blocks", self.name)
 
 
 def _build_vjepa2(
-    spec: str, source: str | None, *, num_frames: int, image_size: int | None, pretrained: bool, init_seed: int
+    spec: str,
+    source: str | None,
+    *,
+    num_frames: int,
+    image_size: int | None,
+    pretrained: bool,
+    init_seed: int,
+    drop_path: float = 0.0,
 ) -> VideoBackbone:
     from transformers import VJEPA2Config, VJEPA2Model
 
@@ -375,6 +401,9 @@ def _build_vjepa2(
     if image_size is not None:
         # V-JEPA 2 uses RoPE (no learned position table), so it runs at any crop that the patch size divides.
         overrides["crop_size"] = int(image_size)
+    if drop_path:
+        # transformers' VJEPA2Layer: rate 0 at the first layer, rising linearly to drop_path at the last.
+        overrides["drop_path_rate"] = float(drop_path)
 
     random_init = source is None or not pretrained
     if source is None:
@@ -438,6 +467,7 @@ def _build_timm(
     init_seed: int,
     frame_tokens: str = "pooled",
     extra_kwargs: dict[str, Any] | None = None,
+    drop_path: float = 0.0,
 ) -> VideoBackbone:
     import timm
     from timm.data import resolve_data_config
@@ -445,6 +475,8 @@ def _build_timm(
     kwargs: dict[str, Any] = {"num_classes": 0, **(extra_kwargs or {})}
     if image_size is not None:
         kwargs["img_size"] = int(image_size)
+    if drop_path:  # only when set, so that the feature-cache fingerprint of every existing backbone stays the same
+        kwargs["drop_path_rate"] = float(drop_path)
 
     def create(**create_kwargs: Any) -> nn.Module:
         with _seeded(init_seed):
@@ -459,6 +491,10 @@ def _build_timm(
             # Convolutional models take no img_size and run at any resolution.
             kwargs.pop("img_size")
             model = create(**kwargs)
+    except TypeError as exc:
+        if "drop_path_rate" not in kwargs:
+            raise
+        raise ModelError(f"backbone '{spec}' does not support drop path (timm drop_path_rate): {exc}") from exc
     except (RuntimeError, OSError) as exc:  # unknown model name, or weights that cannot be fetched
         raise ModelError(f"could not build backbone '{spec}': {exc}") from exc
     if frame_tokens == "all" and not hasattr(getattr(model, "patch_embed", None), "num_patches"):
@@ -499,6 +535,7 @@ def build_backbone(
     pretrained: bool = True,
     init_seed: int = 0,
     frame_tokens: Literal["pooled", "all"] = "pooled",
+    drop_path: float = 0.0,
 ) -> VideoBackbone:
     """Build a video backbone from its spec.
 
@@ -510,19 +547,24 @@ def build_backbone(
         init_seed: seed of the random initialisation; the caller's RNG state is left untouched.
         frame_tokens: timm only: ``pooled`` (one feature per frame) or ``all`` (every token of every frame, CLS and
             register tokens included; ViTs only). V-JEPA 2 has no pooled form and accepts ``pooled`` only.
+        drop_path: stochastic depth, the rate of the last block (V-JEPA 2 ``drop_path_rate``, timm
+            ``drop_path_rate``; both rise linearly from 0 at the first block); active in train mode only, 0 = off.
 
     Returns:
         The backbone, in eval mode, with every parameter trainable until an adaptation mode freezes them.
 
     Raises:
-        ModelError: unknown spec, unloadable weights, or a frame count / size the model cannot take.
+        ModelError: unknown spec, unloadable weights, a frame count / size the model cannot take, a drop path
+            outside [0, 1) or one the timm model does not take.
     """
+    if not 0.0 <= drop_path < 1.0:
+        raise ModelError(f"drop_path={drop_path} must be in [0, 1)")
     if not isinstance(spec, str) or not spec.strip():
         raise ModelError(f"unknown backbone {spec!r}: {_SPEC_HELP}")
     spec = spec.strip()
     if frame_tokens not in ("pooled", "all") or (frame_tokens == "all" and not spec.startswith("timm")):
         raise ModelError(f"backbone '{spec}': frame_tokens={frame_tokens!r} applies to timm ViTs only ('all')")
-    common = dict(num_frames=num_frames, image_size=image_size, init_seed=init_seed)
+    common = dict(num_frames=num_frames, image_size=image_size, init_seed=init_seed, drop_path=drop_path)
     if spec == "vjepa2-tiny":
         return _build_vjepa2(spec, None, pretrained=False, **common)
     if spec.startswith("vjepa2:") and spec[len("vjepa2:") :]:

@@ -39,7 +39,7 @@ from avlm.data import (
     manifest_hash,
     mix_clips,
 )
-from avlm.errors import ConfigError, DataError
+from avlm.errors import ConfigError, DataError, ModelError
 from avlm.features import TokenDataset, cached_tokens
 from avlm.losses import MultiLabelLoss
 from avlm.metrics import attention_entropy_percent, average_precision_per_class, layer_entropies_percent
@@ -53,6 +53,8 @@ from avlm.models import (
     parameter_groups,
     save_lora_adapter,
 )
+from avlm.models.adaptation import layer_decay_parts
+from avlm.models.tta import TTA_AUGMENTATIONS, tta_probabilities
 from avlm.tracking import TrackingConfig, plots, record_run_start
 from avlm.tracking.registry import RegistryConfig
 from avlm.train import (
@@ -81,6 +83,10 @@ class CVSDataConfig:
     data_dir: Endoscapes2023 root (train/ val/ test/ with annotation_ds_coco.json); empty = built-in demo data.
     clip_frames: frames per clip, ending at the labelled frame.
     frame_stride: frame-number step between clip frames (25 = 1 s in Endoscapes' 25 fps numbering).
+    frame_selection: stride (a frame every frame_stride) or uniform (clip_frames frames spread evenly over
+        clip_window frame numbers before the labelled frame, each the latest frame on disk at or before its place).
+    clip_window: uniform only: the window's span in frame numbers; 0 = (clip_frames - 1) · frame_stride, the
+        span of a stride clip (then the two differ only where frames are missing on disk).
     demo_seed: seed of the generated demo dataset.
     sampler: random, or class_balanced (WeightedRandomSampler-style, with replacement).
     mixup_alpha / cutmix_alpha: clip-level MixUp / CutMix Beta parameters; 0 = off (they touch pixels, so
@@ -95,6 +101,8 @@ class CVSDataConfig:
     data_dir: str = ""
     clip_frames: int = 4
     frame_stride: int = 25
+    frame_selection: Literal["stride", "uniform"] = "stride"
+    clip_window: int = 0
     demo_seed: int = 0
     sampler: Literal["random", "class_balanced"] = "random"
     mixup_alpha: float = 0.0
@@ -108,9 +116,11 @@ class CVSDataConfig:
         for key in ("clip_frames", "frame_stride"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'data.{key}' must be >= 1, got {getattr(self, key)}")
-        for key in ("mixup_alpha", "cutmix_alpha", "entropy_clips", "limit_clips"):
+        for key in ("mixup_alpha", "cutmix_alpha", "entropy_clips", "limit_clips", "clip_window"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key 'data.{key}' must be >= 0, got {getattr(self, key)}")
+        if self.clip_window and self.frame_selection != "uniform":
+            raise ConfigError("config key 'data.clip_window' applies to data.frame_selection=uniform only")
 
 
 @dataclasses.dataclass
@@ -123,6 +133,8 @@ class CVSModelConfig:
     lora_r / lora_alpha / lora_dropout / lora_targets: peft LoRA settings; targets are module names inside the
         backbone's attention (V-JEPA 2: query, key, value; timm ViT: qkv).
     unfreeze_last_n: blocks trained by unfreeze and staged.
+    drop_path: stochastic depth on the backbone blocks (the last block's rate, rising linearly from 0 at the first;
+        V-JEPA 2 and timm drop_path_rate); train mode only, so it needs a backbone that trains. 0 = off.
     stage1_epochs: staged only: epochs of head-only training before the blocks start to train.
     pooling: attentive (learned queries + cross-attention) or mean.
     head_queries / head_heads / head_hidden / head_dropout: attentive pooler and MLP sizes.
@@ -138,6 +150,7 @@ class CVSModelConfig:
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["query", "key", "value"])
     unfreeze_last_n: int = 1
     stage1_epochs: int = 2
+    drop_path: float = 0.0
     pooling: Literal["attentive", "mean"] = "attentive"
     head_queries: int = 1
     head_heads: int = 4
@@ -152,6 +165,13 @@ class CVSModelConfig:
         for key in ("unfreeze_last_n", "stage1_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key 'model.{key}' must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.drop_path < 1:
+            raise ConfigError(f"config key 'model.drop_path' must be in [0, 1), got {self.drop_path}")
+        if self.drop_path and self.adaptation == "frozen":
+            # a frozen backbone always runs in eval mode (VideoClassifier), where drop path does nothing
+            raise ConfigError(
+                "config key 'model.drop_path' needs a backbone that trains (adaptation lora, unfreeze or staged)"
+            )
 
 
 @dataclasses.dataclass
@@ -177,6 +197,42 @@ class LossConfig:
 
 
 @dataclasses.dataclass
+class CVSTrainConfig(TrainConfig):
+    """The shared optimisation settings (:class:`avlm.train.TrainConfig`) and CVS's own.
+
+    Attributes:
+        layer_decay: layer-wise learning-rate decay (BEiT / MAE): of L backbone blocks, block i trains at
+            backbone_lr · layer_decay^(L - i), the embeddings at backbone_lr · layer_decay^(L + 1); 1 = off.
+    """
+
+    layer_decay: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"config key 'train.layer_decay' must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclasses.dataclass
+class CVSEvalConfig:
+    """Attributes:
+    tta: test-time augmentations of the final val/test evaluation (and of the registered model): sigmoid
+        probabilities averaged over the clip and each of hflip (mirrored frames) and temporal_shift (the clip one
+        frame later, still ending on the labelled frame). The per-epoch evaluation that picks the best checkpoint
+        runs without them. Empty = off.
+    """
+
+    tta: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.tta if name not in TTA_AUGMENTATIONS]
+        if unknown or len(set(self.tta)) != len(self.tta):
+            raise ConfigError(
+                f"config key 'eval.tta' takes distinct names from {list(TTA_AUGMENTATIONS)}, got {self.tta}"
+            )
+
+
+@dataclasses.dataclass
 class CVSConfig:
     """The whole train_cvs configuration (examples/cvs/*.yaml).
 
@@ -192,7 +248,8 @@ class CVSConfig:
     data: CVSDataConfig = dataclasses.field(default_factory=CVSDataConfig)
     model: CVSModelConfig = dataclasses.field(default_factory=CVSModelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    train: CVSTrainConfig = dataclasses.field(default_factory=CVSTrainConfig)
+    eval: CVSEvalConfig = dataclasses.field(default_factory=CVSEvalConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     registry: RegistryConfig = dataclasses.field(default_factory=lambda: RegistryConfig(name="avlm-cvs"))
 
@@ -226,7 +283,14 @@ def load_cvs_splits(cfg: CVSDataConfig) -> tuple[dict[str, list], str]:
         dataset = "cvs-demo"
     # train/ and val/ are required (a missing folder is named), test/ is read when it is there
     wanted = ("train", "val", "test") if (root / "test").is_dir() else ("train", "val")
-    splits = load_endoscapes(root, splits=wanted, clip_frames=cfg.clip_frames, frame_stride=cfg.frame_stride)
+    splits = load_endoscapes(
+        root,
+        splits=wanted,
+        clip_frames=cfg.clip_frames,
+        frame_stride=cfg.frame_stride,
+        frame_selection=cfg.frame_selection,
+        clip_window=cfg.clip_window,
+    )
     if cfg.limit_clips:
         splits = {name: records[: cfg.limit_clips] for name, records in splits.items()}
     return splits, dataset
@@ -234,7 +298,18 @@ def load_cvs_splits(cfg: CVSDataConfig) -> tuple[dict[str, list], str]:
 
 def build_cvs_model(cfg: CVSModelConfig, num_frames: int) -> VideoClassifier:
     """Backbone + head, with the configured adaptation applied (deterministic given the seeds)."""
-    backbone = build_backbone(cfg.backbone, num_frames=num_frames, pretrained=cfg.pretrained, init_seed=cfg.init_seed)
+    try:
+        backbone = build_backbone(
+            cfg.backbone,
+            num_frames=num_frames,
+            pretrained=cfg.pretrained,
+            init_seed=cfg.init_seed,
+            drop_path=cfg.drop_path,
+        )
+    except ModelError as err:
+        if cfg.drop_path and "drop path" in str(err):
+            raise ConfigError(f"config key 'model.drop_path': {err}") from err
+        raise
     head = ClassificationHead(
         backbone.feature_dim,
         len(CVS_CRITERIA),
@@ -268,6 +343,15 @@ def run_name_for(cfg: CVSConfig) -> str:
         "staged": f"staged{cfg.model.unfreeze_last_n}",
     }.get(cfg.model.adaptation, cfg.model.adaptation)
     return f"{RECIPE}-{backbone}-{adaptation}-seed{cfg.seed}"
+
+
+def optimizer_parts(model: VideoClassifier, cfg: CVSTrainConfig) -> list[tuple[str, Any, float]]:
+    """``parameter_groups`` parts: the head at lr, the backbone at backbone_lr (per block with layer decay)."""
+    if cfg.layer_decay == 1:
+        backbone_parts = [("backbone", model.backbone, cfg.backbone_lr)]
+    else:
+        backbone_parts = layer_decay_parts(model.backbone, cfg.backbone_lr, cfg.layer_decay)
+    return [("head", model.head, cfg.lr), *backbone_parts]
 
 
 def classification_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
@@ -402,11 +486,7 @@ def main(cfg: CVSConfig) -> CVSResult:
             focal_gamma=cfg.loss.focal_gamma,
             label_smoothing=cfg.loss.label_smoothing,
         )
-        groups = parameter_groups(
-            model,
-            [("head", model.head, cfg.train.lr), ("backbone", model.backbone, cfg.train.backbone_lr)],
-            weight_decay=cfg.train.weight_decay,
-        )
+        groups = parameter_groups(model, optimizer_parts(model, cfg.train), weight_decay=cfg.train.weight_decay)
         optimizer = build_optimizer(groups)
         steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), cfg.train.grad_accum_steps)
         staged_steps = cfg.model.stage1_epochs * steps_per_epoch if cfg.model.adaptation == "staged" else 0
@@ -461,14 +541,21 @@ def main(cfg: CVSConfig) -> CVSResult:
             return {**result, **backbone_entropy}
 
         @torch.no_grad()
-        def predict(model: torch.nn.Module, loader: Any) -> tuple[np.ndarray, np.ndarray, float]:
+        def predict(model: torch.nn.Module, loader: Any, tta: list[str] | None = None) -> tuple[np.ndarray, ...]:
+            """Probabilities, targets and mean loss; with ``tta`` the averaged probabilities and a NaN loss."""
             scores, targets, losses, counts = [], [], [], []
             for batch in loader:
-                logits = model(**_collate_inputs(batch)).logits
-                logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
-                scores.append(torch.sigmoid(logits).float().cpu().numpy())
+                if tta:
+                    probs = tta_probabilities(lambda x: model(pixel_values=x).logits, batch["pixel_values"], tta)
+                    probs, labels = accelerator.gather_for_metrics((probs, batch["labels"]))
+                    losses.append(float("nan"))
+                else:
+                    logits = model(**_collate_inputs(batch)).logits
+                    logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+                    probs = torch.sigmoid(logits)
+                    losses.append(loss_fn(logits, labels).item() * len(labels))  # over all ranks' samples
+                scores.append(probs.float().cpu().numpy())
                 targets.append(labels.float().cpu().numpy())
-                losses.append(loss_fn(logits, labels).item() * len(labels))  # over all ranks' samples
                 counts.append(len(labels))
             return np.concatenate(scores), np.concatenate(targets), float(np.sum(losses) / max(np.sum(counts), 1))
 
@@ -492,16 +579,26 @@ def main(cfg: CVSConfig) -> CVSResult:
             train_cfg=cfg.train,
         )
 
-        # -- 9. the best checkpoint: final evaluation, predictions, plots ---------------------------------------
+        # -- 9. the best checkpoint: final evaluation (with test-time augmentation), predictions, plots -----------
         net = run.load_best(model)
         final_metrics: dict[str, float] = {}
-        val_scores, val_targets, _ = predict(model, val_loader)
+        tta = cfg.eval.tta
+        # augmentations act on pixels: a head trained from cached tokens is evaluated through its backbone
+        final_inputs = pixel_sets if tta else train_inputs
+        final_val_loader = (
+            accelerator.prepare(torch.utils.data.DataLoader(final_inputs["val"], shuffle=False, **loader_kwargs))
+            if tta
+            else val_loader
+        )
+        val_scores, val_targets, _ = predict(model, final_val_loader, tta)
         final_metrics.update({f"final/val_{k}": v for k, v in classification_metrics(val_scores, val_targets).items()})
-        if "test" in train_inputs:
+        if tta:  # what the augmentations changed
+            final_metrics["final/val_mAP_without_tta"] = classification_metrics(*predict(model, val_loader)[:2])["mAP"]
+        if "test" in final_inputs:
             test_loader = accelerator.prepare(
-                torch.utils.data.DataLoader(train_inputs["test"], shuffle=False, **loader_kwargs)
+                torch.utils.data.DataLoader(final_inputs["test"], shuffle=False, **loader_kwargs)
             )
-            test_scores, test_targets, _ = predict(model, test_loader)
+            test_scores, test_targets, _ = predict(model, test_loader, tta)
             final_metrics.update(
                 {f"final/test_{k}": v for k, v in classification_metrics(test_scores, test_targets).items()}
             )
@@ -605,7 +702,7 @@ def probability_frame(probs: np.ndarray) -> Any:
 
 def preprocessing_card(cfg: CVSConfig, backbone: Any) -> dict[str, Any]:
     """How a client prepares clips for ``predict`` (stored in the registered model's metadata)."""
-    return {
+    card = {
         "clip_frames": cfg.data.clip_frames,
         "frame_stride_s": cfg.data.frame_stride / 25,
         "image_size": backbone.image_size,
@@ -613,6 +710,12 @@ def preprocessing_card(cfg: CVSConfig, backbone: Any) -> dict[str, Any]:
         "std": list(backbone.std),
         "layout": "(B, T, 3, S, S) float32: RGB frames resized to S x S, divided by 255, then (x - mean) / std",
     }
+    if cfg.data.frame_selection != "stride":
+        window = cfg.data.clip_window or (cfg.data.clip_frames - 1) * cfg.data.frame_stride
+        card["frame_selection"] = f"{cfg.data.frame_selection} over the {window / 25:g} s before the labelled frame"
+    if cfg.eval.tta:
+        card["tta"] = list(cfg.eval.tta)  # applied inside predict
+    return card
 
 
 # Normalised pixels lie within a few units of 0; raw 0-255 values divided by a std of ~0.25 reach ~1000.
@@ -632,6 +735,8 @@ def load_predictor(checkpoint_dir: str | Path) -> Any:
                 f"{model.backbone.image_size}, divide by 255 and normalise with mean {list(model.backbone.mean)} and "
                 f"std {list(model.backbone.std)} (the registered model's metadata 'preprocessing')"
             )
-        return probability_frame(torch.sigmoid(model(pixel_values=pixels).logits).numpy())
+        return probability_frame(
+            tta_probabilities(lambda x: model(pixel_values=x).logits, pixels, cfg.eval.tta).numpy()
+        )
 
     return predict

@@ -7,6 +7,11 @@ registered metric value beats the champion's by the configured margin); a chain'
 evidence, p-values included (:func:`promote_with_rule`). By hand, ``avlm registry promote`` re-applies a standing
 passed decision or, with ``--force``, records the person's reason (:func:`promote_by_hand`).
 
+Family champions: with ``registry.family_alias`` (``champion-lora``, or ``champion-{adaptation}`` filled from the
+version's tags), the recipes' gate runs a second time against that alias's holder only, so users find the best
+version of each adaptation family beside the overall champion; the family alias moves alone (stages follow the
+overall champion), and its decisions are records like the champion's, with the alias named.
+
 The audit trail
 ---------------
 Every decision, promoted or not, is appended to the version: tags ``promotion.<n>.*`` (n = 1, 2, … in the
@@ -58,6 +63,7 @@ import os
 import platform
 import random
 import re
+import string
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -90,6 +96,11 @@ class RegistryConfig:
         promote_metric: validation metric the gate compares (the run's best value of it).
         promote_mode: max (higher is better) or min.
         promote_margin: the candidate must beat the champion by more than this to take its place.
+        family_alias: the alias of this run's family champion beside the overall ``champion`` (e.g.
+            ``champion-lora``, ``champion-frozen``; "" = none): after the overall gate, the same gate (metric, mode,
+            margin, like-with-like checks) is run against the holder of this alias only, and the alias moves to the
+            version when it beats that holder; recorded on the version like the overall decision. ``{tag}`` fields
+            are filled from the version's tags: ``champion-{adaptation}`` gives each adaptation its own champion.
     """
 
     register: bool = True
@@ -97,12 +108,59 @@ class RegistryConfig:
     promote_metric: str = "val/mAP"
     promote_mode: Literal["max", "min"] = "max"
     promote_margin: float = 0.0
+    family_alias: str = ""
 
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ConfigError("config key 'registry.name' must not be empty")
         if self.promote_margin < 0:
             raise ConfigError(f"config key 'registry.promote_margin' must be >= 0, got {self.promote_margin}")
+        if self.family_alias:
+            _check_family_alias(self.family_alias)
+
+
+def _check_family_alias(alias: str) -> None:
+    """An alias name MLflow accepts that is none of the gate's own (``champion``, ``candidate``), once its ``{tag}``
+    fields are filled (with a placeholder here; with the version's tags by :func:`family_alias_of`)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    key = "config key 'registry.family_alias'"
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(alias) if field is not None]
+    except ValueError as e:
+        raise ConfigError(f"{key}: {alias!r} is not a template of {{tag}} fields: {e}") from e
+    if any(not field.isidentifier() for field in fields):
+        raise ConfigError(f"{key}: {alias!r}: each {{...}} field names a version tag, e.g. champion-{{adaptation}}")
+    alias = alias.format_map({field: "tag" for field in fields})
+    if alias in (CHAMPION_ALIAS, CANDIDATE_ALIAS):
+        raise ConfigError(f"{key} must not be {alias!r}: that alias is the overall gate's (try 'champion-lora')")
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as e:
+        raise ConfigError(f"{key}: {e.message}") from e
+
+
+def family_alias_of(cfg: RegistryConfig, model_version: Any) -> str:
+    """``cfg.family_alias`` with its ``{tag}`` fields filled from the version's tags ("" when there is none).
+
+    Raises:
+        TrainingError: the version lacks a tag the template names.
+        ConfigError: the filled alias is not one MLflow accepts, or is ``champion``/``candidate``.
+    """
+    if not cfg.family_alias:
+        return ""
+    fields = [field for _, field, _, _ in string.Formatter().parse(cfg.family_alias) if field]
+    missing = [field for field in fields if field not in model_version.tags]
+    if missing:
+        raise TrainingError(
+            f"registered model {model_version.name!r} version {model_version.version} has no tag "
+            f"{missing[0]!r}, which registry.family_alias {cfg.family_alias!r} names"
+        )
+    alias = cfg.family_alias.format_map({field: model_version.tags[field] for field in fields})
+    _check_family_alias(alias)
+    return alias
 
 
 def log_and_register(
@@ -248,13 +306,18 @@ class _active_run:
 
 def current_champion(name: str) -> Any | None:
     """The version holding the ``champion`` alias, or None."""
+    return alias_holder(name, CHAMPION_ALIAS)
+
+
+def alias_holder(name: str, alias: str) -> Any | None:
+    """The version holding ``alias`` (``champion``, a family alias such as ``champion-lora``), or None."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
-        return MlflowClient().get_model_version_by_alias(name, CHAMPION_ALIAS)
+        return MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as e:
-        # Only "no such alias / model" means no champion; a failing store must not let any version through.
+        # Only "no such alias / model" means no holder; a failing store must not let any version through.
         if e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
             return None
         raise
@@ -393,6 +456,9 @@ class PromotionDecision:
         outcome: the rule's outcome (None when no rule was evaluated: no champion to compare with, already
             champion).
         rule_sha256: the hash of the rule applied.
+        alias: the alias the decision was about (``champion``, or a family alias; ``champion_version`` is then that
+            alias's holder).
+        family: with ``RegistryConfig.family_alias``: the decision of the family gate that followed this one.
     """
 
     promoted: bool
@@ -405,6 +471,8 @@ class PromotionDecision:
     index: int = 0
     outcome: RuleOutcome | None = None
     rule_sha256: str = ""
+    alias: str = CHAMPION_ALIAS
+    family: PromotionDecision | None = None
 
 
 @dataclasses.dataclass
@@ -437,6 +505,8 @@ class DecisionRecord:
         conditions: each condition's outcome (condition, passed, value, n, seeds, reason, test and p for p-values).
         backed_by: for ``promote``, the index of the gate decision it relies on.
         artifact: URI of the JSON copy ("" when the version has no run to hold it).
+        alias: the alias decided on: ``champion`` or a family alias (``champion-lora``); ``champion_before`` is
+            that alias's holder then. Tag ``promotion.<index>.alias``, written for family aliases only.
     """
 
     model: str
@@ -459,6 +529,7 @@ class DecisionRecord:
     conditions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     backed_by: int | None = None
     artifact: str = ""
+    alias: str = CHAMPION_ALIAS
 
     @property
     def order(self) -> tuple[int, str, int, int]:
@@ -474,17 +545,29 @@ def promote_if_better(cfg: RegistryConfig, version: str | int) -> PromotionDecis
     champion's values are their ``avlm.metric_value`` tags (set at registration from the run's best value of
     ``cfg.promote_metric``). The decision is appended to the version's audit trail (see :func:`decision_history`).
 
+    With ``cfg.family_alias`` (e.g. ``champion-lora``, or ``champion-{adaptation}`` filled from the version's tags
+    by :func:`family_alias_of`), the same gate then runs a second time, under the same hold
+    of the lock, against the holder of that alias only: the alias moves to the version when it beats the holder
+    (or there is none), whatever the overall decision was. It is recorded as the version's next decision, with the
+    alias named (``promotion.<n>.alias``); the flat ``promotion.decision``… tags keep mirroring the overall one.
+
+    Returns:
+        The overall decision; with a family alias, its ``family`` holds the family gate's.
+
     Raises:
         TrainingError: the version or the champion has no readable ``avlm.metric_value`` tag (names the model,
             version and tag).
     """
     from mlflow import MlflowClient
 
+    client = MlflowClient()
     version = str(version)
     rule = margin_rule(cfg.promote_metric, cfg.promote_mode, cfg.promote_margin)
-    candidate_value = _registered_value(_model_version(MlflowClient(), cfg.name, version), cfg.promote_metric)
+    model_version = _model_version(client, cfg.name, version)
+    candidate_value = _registered_value(model_version, cfg.promote_metric)
+    family_alias = family_alias_of(cfg, model_version)
 
-    def judge(candidate: Any, champion: Any | None) -> _Verdict:
+    def judge(candidate: Any, holder: Any | None, alias: str) -> _Verdict:
         evidence = Evidence(  # with no other version to compare with, what there is
             candidate={cfg.promote_metric: {"best": candidate_value}},
             baseline=None,
@@ -499,35 +582,40 @@ def promote_if_better(cfg: RegistryConfig, version: str | int) -> PromotionDecis
             "margin": repr(cfg.promote_margin),
             "candidate_value": repr(candidate_value),
             "champion_value": "none",
-            "compared_run_ids": ",".join(r for r in (candidate.run_id, champion and champion.run_id) if r),
+            "compared_run_ids": ",".join(r for r in (candidate.run_id, holder and holder.run_id) if r),
         }
-        if champion is None:
-            return _Verdict("promoted", "no current champion", evidence, None, latest)
-        champion_version = str(champion.version)
-        if champion_version == version:
-            return _Verdict("kept", "already champion", evidence, None, latest)
-        unlike = _not_comparable(candidate, champion, cfg.promote_metric)
+        if holder is None:
+            return _Verdict("promoted", f"no current {alias}", evidence, None, latest)
+        holder_version = str(holder.version)
+        if holder_version == version:
+            return _Verdict("kept", f"already {alias}", evidence, None, latest)
+        unlike = _not_comparable(candidate, holder, cfg.promote_metric)
         if unlike:
             return _Verdict("rejected", f"refused: {unlike}", evidence, None, latest)
-        champion_value = _registered_value(champion, cfg.promote_metric)
-        latest["champion_value"] = repr(champion_value)
+        holder_value = _registered_value(holder, cfg.promote_metric)
+        latest["champion_value"] = repr(holder_value)
         evidence = dataclasses.replace(
             evidence,
-            baseline={cfg.promote_metric: {"best": champion_value}},
-            baseline_label=f"champion v{champion_version}",
-            baseline_run_ids=[champion.run_id] if champion.run_id else [],
+            baseline={cfg.promote_metric: {"best": holder_value}},
+            baseline_label=f"{alias} v{holder_version}",
+            baseline_run_ids=[holder.run_id] if holder.run_id else [],
         )
         outcome = evaluate_rule(rule, evidence)
         relation = "beats" if outcome.passed else "does not beat"
         reason = (
-            f"{cfg.promote_metric} {candidate_value:.6g} {relation} champion v{champion_version} "
-            f"{champion_value:.6g} by more than margin {cfg.promote_margin:g} ({cfg.promote_mode}; "
+            f"{cfg.promote_metric} {candidate_value:.6g} {relation} {alias} v{holder_version} "
+            f"{holder_value:.6g} by more than margin {cfg.promote_margin:g} ({cfg.promote_mode}; "
             f"gain {outcome.conditions[0].value:.6g})"
         )
-        return _Verdict("promoted" if outcome.passed else "rejected", reason, evidence, outcome, latest, champion_value)
+        return _Verdict("promoted" if outcome.passed else "rejected", reason, evidence, outcome, latest, holder_value)
 
-    decision = _gate(cfg.name, version, rule, judge)
-    decision.candidate_value = candidate_value
+    with promotion_lock(cfg.name):
+        decision = _decide(client, cfg.name, version, rule, judge)
+        if family_alias:
+            decision.family = _decide(client, cfg.name, version, rule, judge, alias=family_alias)
+    for made in (decision, decision.family):
+        if made is not None:
+            made.candidate_value = candidate_value
     return decision
 
 
@@ -563,7 +651,7 @@ def promote_with_rule(
     if frozen_by_run_id:
         _check_frozen(client, frozen_by_run_id, rule_sha256(rule))
 
-    def judge(candidate: Any, champion: Any | None) -> _Verdict:
+    def judge(candidate: Any, champion: Any | None, alias: str) -> _Verdict:
         outcome = evaluate_rule(rule, evidence)
         if champion is not None and str(champion.version) == version:
             reason = f"already champion; rule {'passed' if outcome.passed else 'failed'} ({outcome.reason})"
@@ -575,7 +663,7 @@ def promote_with_rule(
 
 @dataclasses.dataclass
 class _Verdict:
-    """What a gate's judge decided, for :func:`_gate` to record."""
+    """What a gate's judge decided, for :func:`_decide` to record."""
 
     decision: str  # promoted | rejected | kept
     reason: str
@@ -585,45 +673,56 @@ class _Verdict:
     champion_value: float | None = None
 
 
-def _gate(
+Judge = Callable[[Any, Any | None, str], _Verdict]  # (candidate, the alias's holder or None, alias) -> verdict
+
+
+def _gate(name: str, version: str, rule: Rule, judge: Judge, *, frozen_in: str | None = None) -> PromotionDecision:
+    """:func:`_decide` on the champion alias, under the promotion lock."""
+    from mlflow import MlflowClient
+
+    with promotion_lock(name):
+        return _decide(MlflowClient(), name, version, rule, judge, frozen_in=frozen_in)
+
+
+def _decide(
+    client: Any,
     name: str,
     version: str,
     rule: Rule,
-    judge: Callable[[Any, Any | None], _Verdict],
+    judge: Judge,
     *,
     frozen_in: str | None = None,
+    alias: str = CHAMPION_ALIAS,
 ) -> PromotionDecision:
-    """Under the promotion lock: re-read the candidate and the champion, freeze the rule on the version, let
-    ``judge(candidate, champion)`` decide, record the decision, and move the champion when promoted."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    with promotion_lock(name):
-        candidate = client.get_model_version(name, version)  # re-read: its trail may have grown meanwhile
-        champion = current_champion(name)
-        champion_version = str(champion.version) if champion is not None else None  # MLflow hands back ints
-        record = _begin_record(
-            client, candidate, kind="gate", rule=rule, champion_before=champion_version, frozen_in=frozen_in
-        )
-        verdict = judge(candidate, champion)
-        record = _finish_record(
-            client,
-            record,
-            candidate,
-            decision=verdict.decision,
-            reason=verdict.reason,
-            evidence=verdict.evidence,
-            outcome=verdict.outcome,
-            latest=verdict.latest,
-        )
-        promoted = verdict.decision == "promoted"
-        if promoted:
-            _move_champion(client, name, version, superseding=champion_version)
+    """The caller holds the promotion lock: re-read the candidate and the holder of ``alias``, freeze the rule on the
+    version, let ``judge(candidate, holder, alias)`` decide, record the decision, and move the alias when promoted
+    (the champion with its stages; a family alias alone)."""
+    candidate = client.get_model_version(name, version)  # re-read: its trail may have grown meanwhile
+    holder = alias_holder(name, alias)
+    holder_version = str(holder.version) if holder is not None else None  # MLflow hands back ints
+    record = _begin_record(
+        client, candidate, kind="gate", rule=rule, champion_before=holder_version, frozen_in=frozen_in, alias=alias
+    )
+    verdict = judge(candidate, holder, alias)
+    record = _finish_record(
+        client,
+        record,
+        candidate,
+        decision=verdict.decision,
+        reason=verdict.reason,
+        evidence=verdict.evidence,
+        outcome=verdict.outcome,
+        latest=verdict.latest,
+    )
+    promoted = verdict.decision == "promoted"
+    if promoted:
+        _move_alias(client, name, alias, version, superseding=holder_version)
     logger.info(
-        "promotion gate %s for %s v%s: %s (%s)",
+        "promotion gate %s for %s v%s (%s): %s (%s)",
         rule.name or record.rule_sha256[:12],
         name,
         version,
+        alias,
         verdict.decision,
         verdict.reason,
     )
@@ -632,12 +731,13 @@ def _gate(
         reason=verdict.reason,
         version=version,
         candidate_value=None,
-        champion_version=champion_version,
+        champion_version=holder_version,
         champion_value=verdict.champion_value,
         decision=verdict.decision,
         index=record.index,
         outcome=verdict.outcome,
         rule_sha256=record.rule_sha256,
+        alias=alias,
     )
 
 
@@ -747,6 +847,8 @@ def _record_tags(record: DecisionRecord) -> dict[str, str]:
         f"{p}passed": passed,
         f"{p}reason": record.reason,
     }
+    if record.alias != CHAMPION_ALIAS:  # records from before family aliases name none: they are all champion's
+        tags[f"{p}alias"] = record.alias
     if record.rule is not None:
         tags[f"{p}rule"] = _compact(record.rule)
         tags[f"{p}rule_sha256"] = record.rule_sha256
@@ -781,9 +883,10 @@ def _begin_record(
     rule: Rule | None = None,
     champion_before: str | None,
     frozen_in: str | None = None,
+    alias: str = CHAMPION_ALIAS,
 ) -> DecisionRecord:
     """Open the next record of the version's series (caller holds the lock): the rule and its hash are written,
-    with decision ``evaluating``, before anything is decided."""
+    with decision ``evaluating``, before anything is decided. ``champion_before``: the holder of ``alias``."""
     name, version, tags = model_version.name, str(model_version.version), model_version.tags
     if LATEST_TAG not in tags:
         legacy = _legacy_record(name, version, tags)
@@ -805,6 +908,7 @@ def _begin_record(
         rule=rule_to_dict(rule) if rule is not None else None,
         rule_sha256=rule_sha256(rule) if rule is not None else "",
         rule_frozen_in=frozen_in or "",
+        alias=alias,
     )
     _write_tags(client, name, version, _opening_tags(record))
     client.set_model_version_tag(name, version, LATEST_TAG, str(index))
@@ -813,7 +917,7 @@ def _begin_record(
 
 def _opening_tags(record: DecisionRecord) -> dict[str, str]:
     """What is written before the evidence is looked at: the record's kind, place, and the rule with its hash."""
-    keep = ("kind", "seq", "rule", "rule_sha256", "rule_frozen_in", "decision")
+    keep = ("kind", "seq", "alias", "rule", "rule_sha256", "rule_frozen_in", "decision")
     return {k: v for k, v in _record_tags(record).items() if k.rsplit(".", 1)[-1] in keep}
 
 
@@ -829,7 +933,8 @@ def _finish_record(
     backed_by: int | None = None,
     latest: dict[str, str] | None = None,
 ) -> DecisionRecord:
-    """Write the decision, its evidence and outcome (tags, then the JSON artifact), and the flat latest tags."""
+    """Write the decision, its evidence and outcome (tags, then the JSON artifact), and, for a decision on the
+    champion, the flat latest tags (a family decision leaves them mirroring the overall gate's)."""
     opened = _opening_tags(record)
     metrics = sorted({c["metric"] for c in (record.rule or {}).get("conditions", [])})
     record = dataclasses.replace(
@@ -845,6 +950,8 @@ def _finish_record(
     )
     record.artifact = _log_record_artifact(client, record, model_version.run_id, evidence, outcome)
     _write_tags(client, record.model, record.version, _record_tags(record), already=opened)
+    if record.alias != CHAMPION_ALIAS:
+        return record
     flat = {
         "metric": ",".join(metrics) or "none",
         "mode": "none",
@@ -994,6 +1101,7 @@ def _read_record(name: str, version: str, tags: dict[str, str], index: int) -> D
         conditions=conditions,
         backed_by=int(get("backed_by")) if get("backed_by") else None,
         artifact=get("artifact"),
+        alias=get("alias", CHAMPION_ALIAS),
     )
 
 
@@ -1021,27 +1129,35 @@ def model_versions(name: str) -> list[Any]:
 
 
 def decision_history(name: str, version: str | int | None = None) -> list[DecisionRecord]:
-    """Every promotion decision on ``name`` (or on one version of it), in the order they were made."""
+    """Every promotion decision on ``name`` (or on one version of it), in the order they were made: the champion's
+    and the family aliases' (each record's ``alias`` says which)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     if version is not None:
         return version_records(_model_version(client, name, str(version)))
-    records = [r for v in _all_versions(client, name) for r in version_records(v)]
-    return sorted(records, key=lambda r: r.order)
+    return _model_records(client, name)
 
 
-def gate_champion(records: list[DecisionRecord]) -> DecisionRecord | None:
-    """The decision that, by the gate's records, put the current champion in place: the model's last decision that
-    moved the alias (promoted, forced or restored). ``records`` in log order."""
-    return next((r for r in reversed(records) if r.decision in MOVES), None)
+def _model_records(client: Any, name: str, versions: list[Any] | None = None) -> list[DecisionRecord]:
+    versions = _all_versions(client, name) if versions is None else versions
+    return sorted([r for v in versions for r in version_records(v)], key=lambda r: r.order)
 
 
-def standing_decision(records: list[DecisionRecord], version: str) -> DecisionRecord | None:
-    """The version's last ``promoted`` decision, unless it has been superseded since: by a decision that moved the
-    champion to another version, or by a later rejection of this version. ``records`` in log order."""
+def gate_champion(records: list[DecisionRecord], alias: str = CHAMPION_ALIAS) -> DecisionRecord | None:
+    """The decision that, by the gate's records, put the current holder of ``alias`` (the champion, or a family
+    alias) in place: the model's last decision on that alias that moved it (promoted, forced or restored).
+    ``records`` in log order."""
+    return next((r for r in reversed(records) if r.alias == alias and r.decision in MOVES), None)
+
+
+def standing_decision(
+    records: list[DecisionRecord], version: str, alias: str = CHAMPION_ALIAS
+) -> DecisionRecord | None:
+    """The version's last ``promoted`` decision on ``alias``, unless it has been superseded since: by a decision
+    that moved the alias to another version, or by a later rejection of this version. ``records`` in log order."""
     standing = None
-    for record in records:
+    for record in (r for r in records if r.alias == alias):
         if record.version == version and record.decision == "promoted":
             standing = record
         elif record.version != version and record.decision in MOVES:
@@ -1055,6 +1171,23 @@ def standing_decision(records: list[DecisionRecord], version: str) -> DecisionRe
 
 
 @dataclasses.dataclass
+class AliasCheck:
+    """One family alias (``champion-lora``…) against the gate's records on it.
+
+    Attributes:
+        alias: the family alias.
+        holder: the version holding it now.
+        gate_holder: the version the gate's records on it put there (see :func:`gate_champion`).
+        issues: its inconsistencies (also listed in :attr:`RegistryCheck.issues`).
+    """
+
+    alias: str
+    holder: str | None
+    gate_holder: str | None
+    issues: list[str]
+
+
+@dataclasses.dataclass
 class RegistryCheck:
     """The registry's aliases and stages against the gate's records.
 
@@ -1063,8 +1196,9 @@ class RegistryCheck:
         champion: the version holding the ``champion`` alias.
         gate_champion: the version the gate's records put there (see :func:`gate_champion`).
         production: the versions in stage ``Production``.
-        issues: each inconsistency, one line each (empty = consistent).
+        issues: each inconsistency, one line each (empty = consistent), the family aliases' included.
         notes: things worth knowing that are not inconsistencies (a forced champion, an unfinished decision).
+        families: each family alias: one named by a decision record, or any ``champion-*`` alias on the model.
     """
 
     name: str
@@ -1073,10 +1207,17 @@ class RegistryCheck:
     production: list[str]
     issues: list[str]
     notes: list[str]
+    families: list[AliasCheck] = dataclasses.field(default_factory=list)
 
     @property
     def consistent(self) -> bool:
         return not self.issues
+
+    @property
+    def champion_issues(self) -> list[str]:
+        """The issues of the champion alias and the stages (not of the family aliases)."""
+        family = {issue for check in self.families for issue in check.issues}
+        return [issue for issue in self.issues if issue not in family]
 
 
 def version_stage(model_version: Any) -> str:
@@ -1086,16 +1227,47 @@ def version_stage(model_version: Any) -> str:
         return model_version.current_stage or "None"
 
 
+def _alias_issues(alias: str, holder: str | None, records: list[DecisionRecord]) -> list[str]:
+    """Where the holder of ``alias`` differs from what the gate's records on it say (moved by hand)."""
+    gate = gate_champion(records, alias)
+    if holder is not None and not any(
+        r.version == holder and r.alias == alias and r.decision in MOVES for r in records
+    ):
+        return [f"the {alias} v{holder} has no passed gate decision (the alias was moved outside the gate)"]
+    if holder is not None and gate is not None and gate.version != holder:
+        return [
+            f"the {alias} alias is on v{holder}, but the gate's records put v{gate.version} there "
+            f"(decision #{gate.index} of v{gate.version}, {gate.decision} at {gate.at})"
+        ]
+    if holder is None and gate is not None:
+        return [f"no version holds the {alias} alias, but the gate's records put v{gate.version} there"]
+    return []
+
+
+def _model_aliases(client: Any, name: str) -> dict[str, str]:
+    """Alias -> version of registered model ``name`` ({} when there is no such model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            return {}
+        raise
+    return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+
+
 def check_registry(name: str) -> RegistryCheck:
-    """Compare the champion alias and the stages of ``name`` with the gate's records; see :class:`RegistryCheck`."""
+    """Compare the champion alias, the stages and the family aliases of ``name`` with the gate's records; see
+    :class:`RegistryCheck`."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     versions = _all_versions(client, name)
     stages = {str(v.version): version_stage(v) for v in versions}
-    records = sorted([r for v in versions for r in version_records(v)], key=lambda r: r.order)
-    champion = current_champion(name)
-    champion = str(champion.version) if champion is not None else None
+    records = _model_records(client, name, versions)
+    aliases = _model_aliases(client, name)
+    champion = aliases.get(CHAMPION_ALIAS)
     production = [v for v, stage in stages.items() if stage == "Production"]
     gate = gate_champion(records)
     issues: list[str] = []
@@ -1106,15 +1278,21 @@ def check_registry(name: str) -> RegistryCheck:
     issues += [f"stage Production on v{v}, which is not the champion" for v in production if v != champion]
     if len(production) > 1:
         issues.append(f"{len(production)} versions in stage Production: {', '.join(f'v{v}' for v in production)}")
-    if champion is not None and not any(r.version == champion and r.decision in MOVES for r in records):
-        issues.append(f"the champion v{champion} has no passed gate decision (the alias was moved outside the gate)")
-    elif champion is not None and gate is not None and gate.version != champion:
-        issues.append(
-            f"the champion alias is on v{champion}, but the gate's records put v{gate.version} there "
-            f"(decision #{gate.index} of v{gate.version}, {gate.decision} at {gate.at})"
+    issues += _alias_issues(CHAMPION_ALIAS, champion, records)
+    family_aliases = {r.alias for r in records} | {a for a in aliases if a.startswith(f"{CHAMPION_ALIAS}-")}
+    families = []
+    for alias in sorted(family_aliases - {CHAMPION_ALIAS}):
+        on_alias = [r for r in records if r.alias == alias]
+        holder = gate_champion(on_alias, alias)
+        families.append(
+            AliasCheck(
+                alias,
+                aliases.get(alias),
+                holder.version if holder else None,
+                _alias_issues(alias, aliases.get(alias), on_alias),
+            )
         )
-    if champion is None and gate is not None:
-        issues.append(f"no version holds the champion alias, but the gate's records put v{gate.version} there")
+        issues += families[-1].issues
     notes = [
         f"v{r.version} decision #{r.index} never finished (promoter died while evaluating; rule frozen at {r.at})"
         for r in records
@@ -1122,7 +1300,15 @@ def check_registry(name: str) -> RegistryCheck:
     ]
     if gate is not None and gate.version == champion and gate.decision == "forced":
         notes.append(f"the champion v{champion} was forced by {gate.by} at {gate.at}: {gate.reason}")
-    return RegistryCheck(name, champion, gate.version if gate else None, production, issues, notes)
+    return RegistryCheck(name, champion, gate.version if gate else None, production, issues, notes, families)
+
+
+def _move_alias(client: Any, name: str, alias: str, version: str, *, superseding: str | None = None) -> None:
+    """``alias`` to ``version``: the champion with its stages (:func:`_move_champion`), a family alias alone."""
+    if alias == CHAMPION_ALIAS:
+        _move_champion(client, name, version, superseding=superseding)
+    else:
+        client.set_registered_model_alias(name, alias, version)
 
 
 def _move_champion(client: Any, name: str, version: str, *, superseding: str | None = None) -> None:
@@ -1168,7 +1354,7 @@ def promote_by_hand(name: str, version: str | int, *, force: bool = False, reaso
     _model_version(client, name, version)
     with promotion_lock(name):
         model_version = client.get_model_version(name, version)
-        records = sorted([r for v in _all_versions(client, name) for r in version_records(v)], key=lambda r: r.order)
+        records = [r for r in _model_records(client, name) if r.alias == CHAMPION_ALIAS]
         standing = standing_decision(records, version)
         champion = current_champion(name)
         champion_version = str(champion.version) if champion is not None else None
@@ -1200,17 +1386,18 @@ def promote_by_hand(name: str, version: str | int, *, force: bool = False, reaso
     return record
 
 
-def rollback(name: str, *, to: str | int | None = None, reason: str = "") -> DecisionRecord | None:
-    """Restore a consistent state through the gate's records, recorded as a ``rollback`` decision (``restored``).
+def rollback(name: str, *, to: str | int | None = None, reason: str = "") -> list[DecisionRecord]:
+    """Restore a consistent state through the gate's records, recorded as ``rollback`` decisions (``restored``).
 
     Without ``to``: the champion alias and stage Production go back to the version the gate's records put there
     (:func:`gate_champion`: the last decision that promoted, forced or restored a version), undoing what was
-    moved by hand; nothing is written when the registry is consistent already. With ``to`` (and a reason): an
-    earlier champion is reinstated, e.g. to undo a promotion that turned out bad; ``to`` must have been champion
-    through the records (promoted, forced or restored) and not rejected since.
+    moved by hand, and so does each family alias (``champion-lora``…) the records name a holder for; nothing is
+    written when the registry is consistent already. With ``to`` (and a reason): an earlier champion is
+    reinstated, e.g. to undo a promotion that turned out bad; ``to`` must have been champion through the records
+    (promoted, forced or restored) and not rejected since.
 
     Returns:
-        The decision written; None when there was nothing to do.
+        The decisions written, the champion's first (empty when there was nothing to do).
 
     Raises:
         PromotionRefused: no gate record to restore from; ``to`` never champion through the records.
@@ -1223,34 +1410,41 @@ def rollback(name: str, *, to: str | int | None = None, reason: str = "") -> Dec
         raise ConfigError('a rollback to a chosen version needs a reason (--reason "..."), recorded on it')
     with promotion_lock(name):
         state = check_registry(name)
-        records = decision_history(name)
+        records = [r for r in decision_history(name) if r.alias == CHAMPION_ALIAS]
+        # (alias, version, holder before, reason) of each alias to move
+        moves: list[tuple[str, str, str | None, str]] = []
         if to is None:
             gate = gate_champion(records)
-            if gate is None:
+            families = [f for f in state.families if f.issues and f.gate_holder is not None]
+            if gate is None and not families:
                 raise PromotionRefused(f"no decision of the gate ever made a champion of {name}: nothing to restore")
-            if state.consistent:
-                return None
-            target = gate.version
-            text = f"restored the gate's champion v{target} (decision #{gate.index}): " + "; ".join(state.issues)
+            if gate is not None and state.champion_issues:
+                text = f"restored the gate's champion v{gate.version} (decision #{gate.index}): "
+                moves.append((CHAMPION_ALIAS, gate.version, state.champion, text + "; ".join(state.champion_issues)))
+            for family in families:
+                text = f"restored the gate's {family.alias} v{family.gate_holder}: " + "; ".join(family.issues)
+                moves.append((family.alias, family.gate_holder, family.holder, text))
         else:
             target = str(to)
             _model_version(client, name, target)
-            moves = [r for r in records if r.version == target and r.decision in MOVES]
-            if not moves:
+            promoted = [r for r in records if r.version == target and r.decision in MOVES]
+            if not promoted:
                 raise PromotionRefused(f"refused: {name} v{target} was never champion through the gate's records")
-            since = [r for r in records if r.version == target and r.order > moves[-1].order]
+            since = [r for r in records if r.version == target and r.order > promoted[-1].order]
             rejected = [r for r in since if r.decision == "rejected"]
             if rejected:
                 raise PromotionRefused(
                     f"refused: {name} v{target} was rejected by the gate since it was champion (decision "
                     f"#{rejected[-1].index}: {rejected[-1].reason})"
                 )
-            if state.champion == target and state.consistent:
-                return None
-            text = f"rolled back from v{state.champion or 'none'} to v{target}: {reason.strip()}"
-        model_version = client.get_model_version(name, target)
-        record = _begin_record(client, model_version, kind="rollback", champion_before=state.champion)
-        record = _finish_record(client, record, model_version, decision="restored", reason=text)
-        _move_champion(client, name, target)
-    logger.info("%s: %s", name, text)
-    return record
+            if not (state.champion == target and not state.champion_issues):
+                text = f"rolled back from v{state.champion or 'none'} to v{target}: {reason.strip()}"
+                moves.append((CHAMPION_ALIAS, target, state.champion, text))
+        written = []
+        for alias, target, before, text in moves:
+            model_version = client.get_model_version(name, target)
+            record = _begin_record(client, model_version, kind="rollback", champion_before=before, alias=alias)
+            written.append(_finish_record(client, record, model_version, decision="restored", reason=text))
+            _move_alias(client, name, alias, target)
+            logger.info("%s: %s", name, text)
+    return written

@@ -8,8 +8,13 @@ Run it (``python -m avlm registry ...`` until the package is reinstalled with it
     avlm registry promote avlm-cvs 3       # only on a standing passed gate decision; exit 2 otherwise
     avlm registry promote avlm-cvs 3 --force --reason "hot-fix approved by the PI"
     avlm registry check avlm-cvs           # what was moved by hand outside the gate; exit 1 when inconsistent
-    avlm registry rollback avlm-cvs        # restore the champion the records name
+    avlm registry rollback avlm-cvs        # restore the champion (and family aliases) the records name
     avlm registry rollback avlm-cvs --to 2 --reason "v3 regresses on site B"
+
+Family champions (``champion-lora``, ``champion-frozen``…, ``registry.family_alias``) go through the same gate;
+their decisions show with the alias named (``v2 #2 gate champion-lora: promoted``), ``check`` compares them with
+their records like the champion, and ``rollback`` restores them; ``promote`` and ``rollback --to`` move the overall
+champion only.
 
 Every command takes ``--tracking-uri`` and ``--registry-uri`` (defaults: ``$MLFLOW_TRACKING_URI`` and
 ``$MLFLOW_REGISTRY_URI``, else ``sqlite:///mlflow.db`` in the working directory, as the recipes use).
@@ -101,13 +106,14 @@ def _out(line: str = "") -> None:
 def record_lines(record: DecisionRecord) -> list[str]:
     """A decision as text: the head line, the rule, each condition with its figure, the values and run ids."""
     passed = "" if record.passed is None else f" (rule {'passed' if record.passed else 'failed'})"
+    family = "" if record.alias == CHAMPION_ALIAS else f" {record.alias}"
     lines = [
-        f"v{record.version} #{record.index} {record.kind}: {record.decision}{passed} at {record.at or '?'} "
+        f"v{record.version} #{record.index} {record.kind}{family}: {record.decision}{passed} at {record.at or '?'} "
         f"by {record.by or '?'}",
         f"  reason: {record.reason}",
     ]
     if record.champion_before:
-        lines.append(f"  champion then: v{record.champion_before}")
+        lines.append(f"  {record.alias} then: v{record.champion_before}")
     if record.rule is not None:
         frozen = f", frozen in run {record.rule_frozen_in}" if record.rule_frozen_in else ""
         evaluated = " (not evaluated)" if record.passed is None and record.decision != "evaluating" else ""
@@ -161,7 +167,7 @@ def show_command(args: argparse.Namespace) -> int:
     _out(f"  run {version.run_id or '-'}, source {version.source}")
     records = version_records(version)
     standing = standing_decision(decision_history(args.name), str(version.version))
-    shown = standing or next((r for r in reversed(records) if r.kind == "gate"), None)
+    shown = standing or next((r for r in reversed(records) if r.kind == "gate" and r.alias == CHAMPION_ALIAS), None)
     if shown is None:
         _out("  no gate decision recorded")
     else:
@@ -193,7 +199,7 @@ def promote_command(args: argparse.Namespace) -> int:
         for line in record_lines(standing):
             _out(f"  {line}")
     else:
-        gates = [r for r in decision_history(args.name, args.version) if r.kind == "gate"]
+        gates = [r for r in decision_history(args.name, args.version) if r.kind == "gate" and r.alias == CHAMPION_ALIAS]
         _out("no standing passed gate decision" + ("; the last one:" if gates else " (no gate decision at all)"))
         for line in record_lines(gates[-1]) if gates else []:
             _out(f"  {line}")
@@ -213,6 +219,10 @@ def check_command(args: argparse.Namespace) -> int:
     gate = f"v{state.gate_champion}" if state.gate_champion else "none"
     production = ", ".join(f"v{v}" for v in state.production) or "none"
     _out(f"{args.name}: champion {champion}, by the gate's records {gate}, Production {production}")
+    for family in state.families:
+        holder = f"v{family.holder}" if family.holder else "none"
+        by_records = f"v{family.gate_holder}" if family.gate_holder else "none"
+        _out(f"  {family.alias} {holder}, by the gate's records {by_records}")
     for note in state.notes:
         _out(f"  note: {note}")
     for issue in state.issues:
@@ -227,10 +237,9 @@ def check_command(args: argparse.Namespace) -> int:
 def rollback_command(args: argparse.Namespace) -> int:
     """Restore the champion the gate's records name (or ``--to`` an earlier one); print what was done."""
     _connect(args)
-    record = rollback(args.name, to=args.to, reason=args.reason)
-    if record is None:
+    records = rollback(args.name, to=args.to, reason=args.reason)
+    if not records:
         _out(f"{args.name} is consistent with the gate's records; nothing to roll back")
-        return 0
-    for line in record_lines(record):
+    for line in (line for record in records for line in record_lines(record)):
         _out(line)
     return 0
