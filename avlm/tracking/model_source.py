@@ -7,8 +7,10 @@ get back the checkpoint folder the recipe's ``load_captioner`` reads, with the l
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -52,7 +54,8 @@ def fetch_checkpoint(uri: str, key: str = "model", dest: str | Path | None = Non
     Args:
         uri: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, or a 32-hex run id (its ``checkpoints/best``).
         key: the config key that holds ``uri``, named in errors.
-        dest: download folder (default: a new temporary folder).
+        dest: download folder (default: a new temporary folder, removed when this process exits: the checkpoint is
+            read by the process that fetched it).
 
     Raises:
         ConfigError: a malformed URI, an unknown model, alias, version or run, or one without a checkpoint.
@@ -62,7 +65,10 @@ def fetch_checkpoint(uri: str, key: str = "model", dest: str | Path | None = Non
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    dest = Path(dest) if dest else Path(tempfile.mkdtemp(prefix="avlm-checkpoint-"))
+    if dest is None:
+        dest = Path(tempfile.mkdtemp(prefix="avlm-checkpoint-"))
+        atexit.register(shutil.rmtree, dest, True)
+    dest = Path(dest)
     match = _MODEL_URI.match(uri.strip())
     try:
         if match:
