@@ -10,7 +10,7 @@ from avlm.models.adaptation import (
     trainable_state_dict,
     unfreeze_last_blocks,
 )
-from avlm.models.backbones import BackboneOutput, VideoBackbone, build_backbone
+from avlm.models.backbones import BackboneOutput, TokenLayout, VideoBackbone, build_backbone
 from avlm.models.captioner import (
     FUSION_MODES,
     LAYER_FUSION_MODES,
@@ -55,6 +55,7 @@ __all__ = [
     "AttentivePooler",
     "AudioEncoder",
     "BackboneOutput",
+    "TokenLayout",
     "CaptionModelConfig",
     "CaptionerOutput",
     "ClassificationHead",

@@ -110,6 +110,38 @@ class BackboneOutput:
     attentions: list[torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where each output token sits in the clip, for maps over tokens (anatomy masks, segmentation, heatmaps).
+
+    Tokens are ordered time-major: for each of ``time_steps`` steps, ``prefix_tokens`` CLS/register tokens, then
+    ``grid × grid`` patch tokens row by row. Step ``t`` covers frames ``t·frames_per_step .. (t+1)·frames_per_step-1``
+    (V-JEPA 2: a tubelet of 2 frames; timm: one frame), and patch ``(r, c)`` covers pixels
+    ``[r·patch_size, (r+1)·patch_size) × [c·patch_size, (c+1)·patch_size)`` of those frames.
+
+    Attributes:
+        time_steps: token steps along time.
+        frames_per_step: frames each step covers.
+        grid: patches per side.
+        patch_size: pixels per patch side (``grid · patch_size = image_size``).
+        prefix_tokens: CLS/register tokens at the start of each step (timm ViTs); 0 for V-JEPA 2.
+    """
+
+    time_steps: int
+    frames_per_step: int
+    grid: int
+    patch_size: int
+    prefix_tokens: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.prefix_tokens + self.grid * self.grid
+
+    @property
+    def num_tokens(self) -> int:
+        return self.time_steps * self.tokens_per_step
+
+
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Seed the CPU RNG for the block and restore the caller's RNG state afterwards."""
@@ -216,6 +248,10 @@ class VideoBackbone(nn.Module):
         """(N,) bool: which output tokens are CLS/register tokens rather than patch features; None when none are."""
         return None
 
+    def token_layout(self) -> TokenLayout | None:
+        """Where the output tokens sit in space and time; None when they have no spatial layout (pooled frames)."""
+        return None
+
     def identify_weights(self, weights_sha256: str) -> None:
         """Key ``fingerprint()`` on these weights instead of the init they started from (after pretraining or
         loading a checkpoint): the feature cache must not serve a random-init copy's tokens for them."""
@@ -282,6 +318,15 @@ class VJEPA2Backbone(VideoBackbone):
     def blocks(self) -> nn.ModuleList:
         return self.base_model().encoder.layer
 
+    def token_layout(self) -> TokenLayout:
+        config = self.base_model().config
+        return TokenLayout(
+            time_steps=self.num_frames // config.tubelet_size,
+            frames_per_step=config.tubelet_size,
+            grid=self.image_size // config.patch_size,
+            patch_size=config.patch_size,
+        )
+
     def embedding_parameters(self) -> list[nn.Parameter]:
         return list(self.base_model().encoder.embeddings.parameters())
 
@@ -314,6 +359,19 @@ class TimmFrameBackbone(VideoBackbone):
         per_frame = torch.zeros(prefix + patches, dtype=torch.bool)
         per_frame[:prefix] = True
         return per_frame.repeat(self.num_frames)
+
+    def token_layout(self) -> TokenLayout | None:
+        if self.frame_tokens != "all":
+            return None
+        base = self.base_model()
+        grid = int(base.patch_embed.grid_size[0])
+        return TokenLayout(
+            time_steps=self.num_frames,
+            frames_per_step=1,
+            grid=grid,
+            patch_size=self.image_size // grid,
+            prefix_tokens=int(base.num_prefix_tokens),
+        )
 
     def _attention_modules(self) -> list[nn.Module] | None:
         blocks = getattr(self.base_model(), "blocks", None)
