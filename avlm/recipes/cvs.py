@@ -135,7 +135,12 @@ class CVSModelConfig:
     unfreeze_last_n: blocks trained by unfreeze and staged.
     drop_path: stochastic depth on the backbone blocks (the last block's rate, rising linearly from 0 at the first;
         V-JEPA 2 and timm drop_path_rate); train mode only, so it needs a backbone that trains. 0 = off.
-    stage1_epochs: staged only: epochs of head-only training before the blocks start to train.
+    stage1_epochs / stage1_patience: staged only (Exp9): stage 1 trains the head alone (the blocks' lr is 0) for
+        up to stage1_epochs epochs, stopping early after stage1_patience epochs without improvement (0 = never).
+    stage1_stop_ends_run: staged only: an early stop in stage 1 ends the run (default: stage 2 still starts).
+    stage2_epochs / stage2_lr: staged only: stage 2 starts from stage 1's best checkpoint with fresh AdamW state
+        and runs up to stage2_epochs epochs (0 = until train.epochs), the head at stage2_lr (0 = train.lr) and the
+        unfrozen blocks at train.backbone_lr, early-stopping after train.patience epochs without improvement.
     pooling: attentive (learned queries + cross-attention) or mean.
     head_queries / head_heads / head_hidden / head_dropout: attentive pooler and MLP sizes.
     """
@@ -150,6 +155,10 @@ class CVSModelConfig:
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["query", "key", "value"])
     unfreeze_last_n: int = 1
     stage1_epochs: int = 2
+    stage1_patience: int = 0
+    stage1_stop_ends_run: bool = False
+    stage2_epochs: int = 0
+    stage2_lr: float = 0.0
     drop_path: float = 0.0
     pooling: Literal["attentive", "mean"] = "attentive"
     head_queries: int = 1
@@ -162,7 +171,7 @@ class CVSModelConfig:
             raise ConfigError(f"config key 'model.lora_r' must be >= 1, got {self.lora_r}")
         if not 0 <= self.head_dropout < 1 or not 0 <= self.lora_dropout < 1:
             raise ConfigError("config keys 'model.head_dropout' and 'model.lora_dropout' must be in [0, 1)")
-        for key in ("unfreeze_last_n", "stage1_epochs"):
+        for key in ("unfreeze_last_n", "stage1_epochs", "stage1_patience", "stage2_epochs", "stage2_lr"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key 'model.{key}' must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.drop_path < 1:
@@ -354,6 +363,64 @@ def optimizer_parts(model: VideoClassifier, cfg: CVSTrainConfig) -> list[tuple[s
     return [("head", model.head, cfg.lr), *backbone_parts]
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingStage:
+    """One stage of the training: how long, how patient, at which learning rates.
+
+    Attributes:
+        number: 1-based.
+        max_epochs: epochs this stage may run; 0 = until train.epochs.
+        patience: epochs without improvement before the stage stops; 0 = never.
+        lr / backbone_lr: head and backbone learning rates.
+        backbone_frozen: the backbone's trainable blocks stay at lr 0 (they are trainable parameters from the start
+            because DDP fixes the set of trained parameters when it wraps the model).
+    """
+
+    number: int
+    max_epochs: int
+    patience: int
+    lr: float
+    backbone_lr: float
+    backbone_frozen: bool
+
+    def end_epoch(self, start_epoch: int, total_epochs: int) -> int:
+        """The epoch count at which this stage ends when it began at ``start_epoch``; never past ``total_epochs``."""
+        return min(total_epochs, start_epoch + self.max_epochs) if self.max_epochs else total_epochs
+
+
+def training_stages(cfg: CVSConfig) -> list[TrainingStage]:
+    """One stage, or staged's two (Exp9): head only, then the last blocks from stage 1's best checkpoint."""
+    train = cfg.train
+    if cfg.model.adaptation != "staged":
+        return [TrainingStage(1, train.epochs, train.patience, train.lr, train.backbone_lr, backbone_frozen=False)]
+    model = cfg.model
+    return [
+        TrainingStage(1, min(model.stage1_epochs, train.epochs), model.stage1_patience, train.lr, train.backbone_lr,
+                      backbone_frozen=True),
+        TrainingStage(2, model.stage2_epochs, train.patience, model.stage2_lr or train.lr, train.backbone_lr,
+                      backbone_frozen=False),
+    ]  # fmt: skip
+
+
+def stage_optimization(
+    model: VideoClassifier, train_cfg: CVSTrainConfig, stage: TrainingStage, *, start_epoch: int, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW groups (head lr / backbone lr, per block with layer decay) and warmup + schedule over the stage."""
+    stage_cfg = dataclasses.replace(train_cfg, lr=stage.lr, backbone_lr=stage.backbone_lr)
+    groups = parameter_groups(model, optimizer_parts(model, stage_cfg), weight_decay=train_cfg.weight_decay)
+    optimizer = build_optimizer(groups)
+    steps = max(1, (stage.end_epoch(start_epoch, train_cfg.epochs) - start_epoch) * steps_per_epoch)
+    frozen = steps if stage.backbone_frozen else 0
+    scheduler = build_scheduler(
+        optimizer,
+        name=train_cfg.scheduler,
+        num_training_steps=steps,
+        warmup_ratio=train_cfg.warmup_ratio,
+        frozen_steps_by_group=[frozen if g["name"].startswith("backbone") else 0 for g in groups],
+    )
+    return optimizer, scheduler
+
+
 def classification_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """mAP and AP per criterion (sklearn's average precision; targets binarised at 0.5)."""
     ap = average_precision_per_class(targets, scores)
@@ -486,17 +553,12 @@ def main(cfg: CVSConfig) -> CVSResult:
             focal_gamma=cfg.loss.focal_gamma,
             label_smoothing=cfg.loss.label_smoothing,
         )
-        groups = parameter_groups(model, optimizer_parts(model, cfg.train), weight_decay=cfg.train.weight_decay)
-        optimizer = build_optimizer(groups)
         steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), cfg.train.grad_accum_steps)
-        staged_steps = cfg.model.stage1_epochs * steps_per_epoch if cfg.model.adaptation == "staged" else 0
-        scheduler = build_scheduler(
-            optimizer,
-            name=cfg.train.scheduler,
-            num_training_steps=cfg.train.epochs * steps_per_epoch,
-            warmup_ratio=cfg.train.warmup_ratio,
-            frozen_steps_by_group=[staged_steps if g["name"].startswith("backbone") else 0 for g in groups],
-        )
+        stages = training_stages(cfg)
+        state = run.resume.state if run.resume else LoopState()
+        stage = stages[state.stage - 1]
+        optimizer, scheduler = stage_optimization(model, cfg.train, stage, start_epoch=state.stage_start_epoch,
+                                                  steps_per_epoch=steps_per_epoch)  # fmt: skip
         run.restore(model, optimizer, scheduler)
         model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
             model, optimizer, train_loader, val_loader, scheduler
@@ -567,17 +629,41 @@ def main(cfg: CVSConfig) -> CVSResult:
                 metrics.update(attention_entropies(model))
             return metrics
 
-        # -- 8. train ---------------------------------------------------------------------------------------------
-        state = run.fit(
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            train_loader=train_loader,
-            train_step=train_step,
-            train_metrics=classification_metrics,
-            evaluate=evaluate,
-            train_cfg=cfg.train,
-        )
+        # -- 8. train (a staged run: stage 2 starts from stage 1's best checkpoint, with fresh AdamW state) --------
+        while True:
+            if not state.stopped_early:  # a resumed stage that had stopped early is over
+                state = run.fit(
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    train_loader=train_loader,
+                    train_step=train_step,
+                    train_metrics=classification_metrics,
+                    evaluate=evaluate if len(stages) == 1 else lambda m: {**evaluate(m), "stage": stage.number},
+                    train_cfg=dataclasses.replace(
+                        cfg.train,
+                        epochs=stage.end_epoch(state.stage_start_epoch, cfg.train.epochs),
+                        patience=stage.patience,
+                    ),
+                    state=state,
+                )
+            if stage.number == len(stages) or state.epoch >= cfg.train.epochs:
+                break
+            if state.stopped_early and cfg.model.stage1_stop_ends_run:
+                logger.info("stage %d stopped early and model.stage1_stop_ends_run is set: no stage 2", stage.number)
+                break
+            run_logger.log_metrics({f"stage{stage.number}/best_{cfg.train.monitor}": state.best_value},
+                                   step=state.global_step)  # fmt: skip
+            stage = stages[stage.number]
+            run.load_best(model)
+            state.stage, state.stage_start_epoch = stage.number, state.epoch
+            state.epochs_without_improvement, state.stopped_early = 0, False
+            optimizer, scheduler = accelerator.prepare(
+                *stage_optimization(accelerator.unwrap_model(model), cfg.train, stage,
+                                    start_epoch=state.epoch, steps_per_epoch=steps_per_epoch)
+            )  # fmt: skip
+            logger.info("stage %d from stage %d's best checkpoint (epoch %d)", stage.number, stage.number - 1,
+                        state.best_epoch)  # fmt: skip
 
         # -- 9. the best checkpoint: final evaluation (with test-time augmentation), predictions, plots -----------
         net = run.load_best(model)

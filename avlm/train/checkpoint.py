@@ -51,6 +51,8 @@ class LoopState:
     best_epoch: int = 0
     epochs_without_improvement: int = 0
     stopped_early: bool = False
+    stage: int = 1  # of a run trained in stages (staged fine-tuning); 1 otherwise
+    stage_start_epoch: int = 0  # epochs completed when the current stage began
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     run_id: str | None = None
 

@@ -215,16 +215,19 @@ class RecipeRun:
         train_cfg: TrainConfig,
         train_metrics: Callable[..., Mapping[str, float]] | None = None,
         before_upload: Callable[[Path], None] | None = None,
+        state: LoopState | None = None,
     ) -> LoopState:
         """:func:`avlm.train.fit` with this run's logger, seed, checkpoints and resumed state; each checkpoint is
-        uploaded to the run as ``checkpoints/{last,best}`` (after ``before_upload(folder)`` adds its extra files)."""
+        uploaded to the run as ``checkpoints/{last,best}`` (after ``before_upload(folder)`` adds its extra files).
+        ``state`` continues a training that this process already ran (the next stage of a staged run)."""
 
         def upload(path: Path, kind: str) -> None:
             if before_upload is not None:
                 before_upload(path)
             self.logger.log_artifacts(path, f"checkpoints/{kind}")
 
-        state = self.resume.state if self.resume else LoopState()
+        if state is None:
+            state = self.resume.state if self.resume else LoopState()
         state.run_id = self.run_id
         return fit(
             accelerator=self.accelerator,
