@@ -181,3 +181,30 @@ def test_invalid_arguments() -> None:
         mix_clips(pixels, labels, mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=2.0, generator=generator)
     with pytest.raises(ValueError, match="B, T, C, H, W"):
         mix_clips(pixels[0], labels, mixup_alpha=1.0, cutmix_alpha=0.0, generator=generator)
+
+
+def test_cutmix_pastes_the_partners_mask_box_like_its_pixels() -> None:
+    from avlm.data.mixing import MixPlan
+
+    seg = torch.zeros(2, 1, 4, 4, dtype=torch.int64)
+    seg[1] = 3
+    plan = MixPlan(perm=torch.tensor([1, 0]), lam=0.75, box=(0, 2, 0, 2))
+    pixels = plan.pixels(seg.unsqueeze(2).float())
+    mixed, has = plan.masks(seg, torch.tensor([True, True]))
+    assert torch.equal(mixed, pixels.squeeze(2).long())
+    assert mixed[0, 0, :2, :2].eq(3).all() and mixed[0, 0, 2:, :].eq(0).all()
+    _, has = plan.masks(seg, torch.tensor([True, False]))
+    assert has.tolist() == [False, False]
+
+
+def test_mixup_mask_is_the_union_of_both_clips_anatomy() -> None:
+    from avlm.data.mixing import MixPlan
+
+    own = torch.tensor([[[[1, 0, 0, -1]]], [[[2, 2, 0, 0]]]])  # (B=2, T=1, 1, 4)
+    plan = MixPlan(perm=torch.tensor([1, 0]), lam=0.7, box=None)
+    mixed, has = plan.masks(own, torch.tensor([True, True]))
+    # clip 0 (heavier: itself): anatomy 1 wins over 2, then 2 where only the partner has anatomy, -1 stays unknown
+    assert mixed[0].flatten().tolist() == [1, 2, 0, -1]
+    # clip 1 (weight 0.7 on clip 1): its own 2 wins where both are anatomy
+    assert mixed[1].flatten().tolist() == [2, 2, 0, -1]
+    assert has.tolist() == [True, True]
