@@ -1,4 +1,5 @@
-"""Multi-label losses over logits: BCE with per-class positive weights, or sigmoid focal loss."""
+"""Multi-label losses over logits: BCE with per-class positive weights, or sigmoid focal loss; and the attention
+supervision term that pulls attention maps towards a token mask."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from torch import nn
 from avlm.errors import ConfigError
 
 LOSS_KINDS = ("bce", "focal")
+ATTENTION_SUPERVISION_KINDS = ("kl", "bce")
+# Probabilities are floored here before their log: a masked-out token can hold exactly 0 attention.
+_PROBABILITY_FLOOR = 1e-8
 
 
 class MultiLabelLoss(nn.Module):
@@ -91,3 +95,50 @@ class MultiLabelLoss(nn.Module):
         if self.focal_alpha >= 0:
             loss = (self.focal_alpha * targets + (1.0 - self.focal_alpha) * (1.0 - targets)) * loss
         return loss.mean()
+
+
+def attention_supervision_loss(
+    attention: torch.Tensor, token_mask: torch.Tensor, applies: torch.Tensor, kind: str = "kl"
+) -> torch.Tensor:
+    """Pull attention rows towards the tokens of a mask (the research log's Exp11).
+
+    - ``kl``: ``KL(target ‖ p)`` per attention row, the target uniform over the mask's tokens:
+      ``Σ_{j∈mask} (1/|mask|) · log((1/|mask|) / p_j)``.
+    - ``bce``: ``-log(Σ_{j∈mask} p_j)``, the mass inside the mask pushed to 1.
+
+    Probabilities are floored at 1e-8 before the log. Rows are averaged over heads and queries per clip, then
+    over the clips where ``applies`` is True.
+
+    Args:
+        attention: (B, heads, Nq, N) softmax probabilities (pooler or backbone layer).
+        token_mask: (B, N) bool, True = inside the mask.
+        applies: (B,) bool, the clips whose mask counts (e.g. ``anatomy_token_mask(...).applied``).
+        kind: ``"kl"`` or ``"bce"``.
+
+    Returns:
+        The scalar loss; 0, still attached to ``attention``'s graph, when no clip applies.
+
+    Raises:
+        ConfigError: an unknown kind, or shapes that do not match.
+    """
+    if kind not in ATTENTION_SUPERVISION_KINDS:
+        raise ConfigError(
+            f"loss.attention_supervision '{kind}' is unknown: use one of {', '.join(ATTENTION_SUPERVISION_KINDS)}"
+        )
+    batch, tokens = attention.shape[0], attention.shape[-1]
+    if attention.ndim != 4 or tuple(token_mask.shape) != (batch, tokens) or tuple(applies.shape) != (batch,):
+        raise ConfigError(
+            f"attention supervision needs attention (B, heads, Nq, N), token_mask (B, N) and applies (B,); got "
+            f"{tuple(attention.shape)}, {tuple(token_mask.shape)} and {tuple(applies.shape)}"
+        )
+    applies = applies.to(torch.bool) & token_mask.any(dim=1)
+    if not applies.any():
+        return attention.sum() * 0.0
+    attention, inside = attention[applies], token_mask[applies].to(attention.dtype)[:, None, None, :]
+    if kind == "kl":
+        target = inside / inside.sum(dim=-1, keepdim=True)
+        log_ratio = target.clamp_min(_PROBABILITY_FLOOR).log() - attention.clamp_min(_PROBABILITY_FLOOR).log()
+        per_row = (target * log_ratio).sum(dim=-1)
+    else:
+        per_row = -(attention * inside).sum(dim=-1).clamp_min(_PROBABILITY_FLOOR).log()
+    return per_row.mean(dim=(1, 2)).mean()

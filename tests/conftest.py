@@ -68,3 +68,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory, avlm_cache, empty_store_file):
+    """A fresh sqlite MLflow store for a whole module (trainings its tests share), in its own working directory;
+    returns the folder. The module-scoped twin of ``mlflow_store``."""
+    import shutil
+
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("module_store")
+    shutil.copyfile(empty_store_file, folder / "mlflow.db")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        point_mlflow_at(patch, f"sqlite:///{folder / 'mlflow.db'}")
+        yield folder
+        while mlflow.active_run():
+            mlflow.end_run()

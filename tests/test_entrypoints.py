@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from avlm.errors import ConfigError
 from avlm.protocol.chain import load_chain_spec
-from avlm.recipes import ave, caption, cvs, probe
+from avlm.recipes import ave, caption, cvs, evaluate_cvs, probe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -54,7 +54,10 @@ def write_config(path, base="examples/cvs/demo.yaml", **sections):
 def test_every_example_parses_and_opens_with_its_command(path):
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# ") and ("entrypoints/" in first_line or "mlflow run" in first_line), first_line
-    if path.parent.name == "cvs":
+    if path.parent.name == "cvs" and path.stem == "ensemble_demo":
+        cfg = evaluate_cvs.load_evaluate_cvs_config(path)
+        assert cfg.members and cfg.split == "val"
+    elif path.parent.name == "cvs":
         cfg = cvs.load_cvs_config(path)
         assert cfg.registry.name == "avlm-cvs"
     elif path.parent.name == "caption":

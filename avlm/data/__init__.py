@@ -1,4 +1,5 @@
-"""CVS data: the Endoscapes2023 reader, the built-in demo data, clip tensors, sampling and batch mixing.
+"""CVS data: the Endoscapes2023 reader (with its segmentation masks, training subsets and per-annotator labels), the
+built-in demo data, clip tensors, sampling and batch mixing.
 
 Audio captioning data: the AudioCaps and Clotho readers, waveform loading, the caption Dataset and its demo data.
 
@@ -23,7 +24,16 @@ from avlm.data.caption_demo import DEMO_VERSION as CAPTION_DEMO_VERSION
 from avlm.data.caption_demo import ensure_caption_demo
 from avlm.data.clips import ClipDataset, label_checksum, load_frame, manifest_hash
 from avlm.data.cvs_demo import DEMO_VERSION, ensure_cvs_demo
-from avlm.data.endoscapes import CVS_CRITERIA, OFFICIAL_SPLIT_VIDEOS, ClipRecord, load_endoscapes
+from avlm.data.endoscapes import (
+    CVS_CRITERIA,
+    LABEL_POLICIES,
+    OFFICIAL_SPLIT_VIDEOS,
+    ClipRecord,
+    binarise_votes,
+    load_endoscapes,
+    read_annotator_votes,
+)
+from avlm.data.endoscapes_seg import SEG_CLASSES, FrameMask, attach_masks, load_segmentation_masks
 from avlm.data.generated import COMPLETE_MARKER, default_cache_dir, generate_once
 from avlm.data.manifest import (
     ClipManifest,
@@ -54,15 +64,22 @@ __all__ = [
     "generate_once",
     "CVS_CRITERIA",
     "DEMO_VERSION",
+    "LABEL_POLICIES",
     "OFFICIAL_SPLIT_VIDEOS",
+    "SEG_CLASSES",
     "ClipDataset",
     "ClipRecord",
     "EpochSampler",
+    "FrameMask",
+    "attach_masks",
+    "binarise_votes",
     "check_training_splits",
     "class_balanced_weights",
     "ensure_cvs_demo",
     "label_checksum",
     "load_endoscapes",
+    "load_segmentation_masks",
+    "read_annotator_votes",
     "load_frame",
     "manifest_hash",
     "mix_clips",

@@ -35,14 +35,31 @@ def load_frame(path: str | os.PathLike, image_size: int) -> np.ndarray:
             image = image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read frame {path}: {exc}") from exc
+    return np.array(square_resize(image, image_size, Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def square_resize(image: Image.Image, image_size: int, resample: Image.Resampling) -> Image.Image:
+    """Resize the shorter side of ``image`` to ``image_size`` and centre-crop a square: the geometry of every frame.
+
+    Segmentation masks go through the same function (with nearest-neighbour ``resample``), so a mask pixel lands
+    on the frame pixel it labels.
+
+    Args:
+        image: Any PIL image (RGB frame, or an ``L``/``I`` class map).
+        image_size: Side of the returned square.
+        resample: PIL resampling filter (bilinear for frames, nearest for class maps).
+
+    Returns:
+        The (image_size, image_size) image; ``image`` itself when it already has that size.
+    """
     width, height = image.size
-    if (width, height) != (image_size, image_size):
-        scale = image_size / min(width, height)
-        new_size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
-        image = image.resize(new_size, Image.Resampling.BILINEAR)
-        left, top = (new_size[0] - image_size) // 2, (new_size[1] - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
-    return np.array(image, dtype=np.uint8)
+    if (width, height) == (image_size, image_size):
+        return image
+    scale = image_size / min(width, height)
+    new_size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+    image = image.resize(new_size, resample)
+    left, top = (new_size[0] - image_size) // 2, (new_size[1] - image_size) // 2
+    return image.crop((left, top, left + image_size, top + image_size))
 
 
 class ClipFrames:
@@ -82,14 +99,26 @@ class ClipDataset(torch.utils.data.Dataset):
         image_size: Side of the square frames.
         mean: Per-channel mean of the pixel values in [0, 1], subtracted before dividing by ``std``.
         std: Per-channel standard deviation.
+        with_masks: Also serve the segmentation masks attached to the records (``attach_masks``): ``seg_mask``, an
+            int64 (T, S, S) map of ``SEG_CLASSES`` ids, resized like the frames (nearest neighbour), ``-1`` on
+            frames without a mask; and ``has_mask``, a bool tensor, True when at least one frame has a mask. False
+            keeps the items exactly as without masks (no extra keys).
 
     Attributes:
         labels: (N, 3) int64 array of the binary labels, in record order.
     """
 
-    def __init__(self, records: Sequence[ClipRecord], image_size: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self,
+        records: Sequence[ClipRecord],
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        with_masks: bool = False,
+    ):
         self.records = list(records)
         self.image_size = image_size
+        self.with_masks = with_masks
         self.load_clip = ClipFrames(image_size, mean, std)
         self.labels = np.array([r.labels for r in self.records], dtype=np.int64).reshape(-1, len(CVS_CRITERIA))
 
@@ -98,11 +127,29 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        return {
+        item = {
             "pixel_values": self.load_clip(record.frame_paths),
             "labels": torch.tensor(record.labels, dtype=torch.float32),
             "index": int(i),
         }
+        if self.with_masks:
+            item["seg_mask"] = clip_masks(record, self.image_size)
+            item["has_mask"] = torch.tensor(record.has_mask)
+        return item
+
+
+def clip_masks(record: ClipRecord, image_size: int) -> torch.Tensor:
+    """Return the (T, S, S) int64 class map of a clip's frames, ``-1`` on frames without a mask.
+
+    Args:
+        record: A clip whose ``mask_frames`` were attached (``attach_masks``); a record without any gives all -1.
+        image_size: Side S, the frames' (same resize and crop as ``load_frame``, nearest neighbour).
+    """
+    masks = torch.full((len(record.frame_paths), image_size, image_size), -1, dtype=torch.int64)
+    for t, frame_mask in enumerate(record.mask_frames):
+        if frame_mask is not None:
+            masks[t] = torch.from_numpy(frame_mask.render(image_size))
+    return masks
 
 
 def manifest_hash(records: Sequence[ClipRecord]) -> str:

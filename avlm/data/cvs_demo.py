@@ -12,10 +12,22 @@ of red and green horizontal stripes (like C1 at a glance, as the cystic plate is
 C3 two blue blobs. A ``ds`` of 1/3 (one annotator of three) draws a weak or partial pattern, so hard negatives
 exist; textured background, camera jitter, distractor shapes, occluding tools and noise keep the task from being
 trivial.
+
+Beside the CVS labels it writes what the rest of the Endoscapes2023 release holds, so every reader runs here:
+
+- segmentation masks (``<split>_seg/annotation_coco.json``, compressed RLE, the real category names) on every
+  stored frame of about half of each split's videos: the red square is Calot's triangle (C1), the striped square
+  the cystic plate (C2), the first and second blue blob the cystic artery and the cystic duct (C3), the tool a
+  ``tool`` instance; each at the jittered position drawn on that frame, absent where it was hidden. Only the json
+  is written there; the loader takes the frames from ``<split>/``.
+- the data-efficiency subsets ``12_5/train_{0,1,2}/`` and ``25/train_{0,1,2}/``: an ``annotation_ds_coco.json``
+  of the keyframes of 12.5% / 25% of the train videos per fold;
+- ``all_metadata.csv``: the three annotators' votes per keyframe, whose means are its ``ds`` scores.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -23,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as coco_mask
 
 from avlm.data.endoscapes import CVS_CRITERIA
 from avlm.data.generated import generate_once
@@ -30,13 +43,19 @@ from avlm.data.generated import generate_once
 logger = logging.getLogger(__name__)
 
 # Bump whenever the generator's output changes: it is part of the cache folder name.
-DEMO_VERSION = "v2"
+DEMO_VERSION = "v3"
 
 SPLIT_VIDEOS = {"train": range(1, 91), "val": range(121, 141), "test": range(162, 182)}
 KEYFRAMES_PER_VIDEO = (10, 14)  # inclusive range, about 12 on average
 FRAME_STEP = 25  # frame numbers advance by 25 per stored frame: 1 fps of a 25 fps video
 KEYFRAME_EVERY = 5  # stored frames, i.e. one labelled frame every 5 s
 FIRST_KEYFRAME = 2  # fewer than the default clip's 3 earlier frames exist, so the first clip needs padding
+# Categories of Endoscapes-Seg50, in its order; the first four are the SEG_CLASSES anatomy, ids 1..4 in both.
+SEG_CATEGORIES = ("cystic_plate", "calot_triangle", "cystic_artery", "cystic_duct", "gallbladder", "tool")
+_CYSTIC_PLATE, _CALOT_TRIANGLE, _CYSTIC_ARTERY, _CYSTIC_DUCT, _TOOL_CLASS = 1, 2, 3, 4, 6
+# Official data-efficiency subsets: folder → fraction of the train videos; three folds each.
+SUBSET_FRACTIONS = {"12_5": 0.125, "25": 0.25}
+SUBSET_FOLDS = 3
 
 # Joint distribution of (C1, C2, C3) per keyframe. Marginals C1 14.6%, C2 10.5%, C3 16.8%; 73.9% all-negative
 # and 4.9% all-positive as in the research log; the pairs and singles split the rest, C1+C3 being the common pair.
@@ -73,7 +92,8 @@ def ensure_cvs_demo(root: str | os.PathLike | None = None, *, seed: int = 0, ima
         image_size: Side of the square frames in pixels (at least 16).
 
     Returns:
-        The dataset folder, holding ``train/``, ``val/``, ``test/`` and ``<split>_vids.txt``.
+        The dataset folder, holding ``train/``, ``val/``, ``test/``, ``<split>_vids.txt``, ``<split>_seg/``, ``12_5/``,
+        ``25/`` and ``all_metadata.csv``.
     """
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 for the demo patterns to be drawable, got {image_size}")
@@ -87,29 +107,114 @@ def ensure_cvs_demo(root: str | os.PathLike | None = None, *, seed: int = 0, ima
 
 def _write_demo(folder: Path, seed: int, image_size: int) -> dict:
     summary: dict = {"version": DEMO_VERSION, "seed": seed, "image_size": image_size, "splits": {}}
+    votes_rows = []
     for split_index, (split, videos) in enumerate(SPLIT_VIDEOS.items()):
         split_dir = folder / split
         split_dir.mkdir()
         plan = _plan_split(seed, split_index, videos)
-        images = []
+        # About half of the videos have masks, on all their frames: ~50% of clips, as in the research log.
+        order = np.random.default_rng([seed, 3, split_index]).permutation(len(videos))
+        masked = {videos[i] for i in order[: (len(videos) + 1) // 2]}
+        images, seg_frames = [], []
         n_frames = 0
         for video_id, states in plan:
-            entries, written = _write_video(split_dir, seed, video_id, states, image_size)
-            n_frames += written
+            entries, frame_masks = _write_video(split_dir, seed, video_id, states, image_size)
+            n_frames += len(frame_masks)
+            if video_id in masked:
+                seg_frames.extend(frame_masks)
             for entry in entries:
                 images.append({"id": len(images) + 1, **entry})
-        coco = {
-            "info": {"description": f"avlm synthetic CVS demo {DEMO_VERSION} (seed {seed}), split {split}"},
-            "licenses": [],
-            "images": images,
-            "annotations": [],
-            "categories": [{"id": k + 1, "name": c} for k, c in enumerate(CVS_CRITERIA)],
-        }
-        with open(split_dir / "annotation_ds_coco.json", "w", encoding="utf-8") as f:
-            json.dump(coco, f, indent=1)
+            votes_rows.extend(_annotator_votes(seed, video_id, entries))
+        _write_coco(split_dir / "annotation_ds_coco.json", f"split {split}", seed, images, [], CVS_CRITERIA)
+        _write_segmentation(folder / f"{split}_seg", split, seed, seg_frames, image_size)
         (folder / f"{split}_vids.txt").write_text("".join(f"{v}\n" for v in videos), encoding="utf-8")
-        summary["splits"][split] = {"videos": len(videos), "keyframes": len(images), "frames": n_frames}
+        summary["splits"][split] = {
+            "videos": len(videos),
+            "keyframes": len(images),
+            "frames": n_frames,
+            "masked_videos": len(masked),
+            "masked_frames": len(seg_frames),
+        }
+        if split == "train":
+            _write_subsets(folder, seed, videos, images)
+    _write_votes(folder / "all_metadata.csv", votes_rows)
     return summary
+
+
+def _write_coco(
+    path: Path, what: str, seed: int, images: list[dict], annotations: list[dict], categories: tuple[str, ...]
+) -> None:
+    coco = {
+        "info": {"description": f"avlm synthetic CVS demo {DEMO_VERSION} (seed {seed}), {what}"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": k + 1, "name": c} for k, c in enumerate(categories)],
+    }
+    # Label files stay readable; the mask file is written compact (an indented dump is slow and large).
+    path.write_text(json.dumps(coco, indent=None if annotations else 1), encoding="utf-8")
+
+
+def _write_segmentation(seg_dir: Path, split: str, seed: int, frames: list[tuple[str, np.ndarray]], size: int) -> None:
+    """One COCO image per masked frame; one compressed-RLE instance per class present (the map has no overlaps)."""
+    seg_dir.mkdir()
+    images, annotations = [], []
+    for image_id, (file_name, classes) in enumerate(frames, start=1):
+        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+        for category_id in range(1, len(SEG_CATEGORIES) + 1):
+            pixels = classes == category_id
+            if not pixels.any():
+                continue
+            rle = coco_mask.encode(np.asfortranarray(pixels.astype(np.uint8)))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id,
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                    "area": int(pixels.sum()),
+                    "bbox": [float(v) for v in coco_mask.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
+    what = f"segmentation, split {split}"
+    _write_coco(seg_dir / "annotation_coco.json", what, seed, images, annotations, SEG_CATEGORIES)
+
+
+def _write_subsets(folder: Path, seed: int, videos: range, images: list[dict]) -> None:
+    """``<subset>/train_<fold>/annotation_ds_coco.json``: the keyframes of a random share of the train videos."""
+    for subset_index, (name, fraction) in enumerate(SUBSET_FRACTIONS.items()):
+        n_videos = max(1, int(fraction * len(videos) + 0.5))
+        for fold in range(SUBSET_FOLDS):
+            order = np.random.default_rng([seed, 4, subset_index, fold]).permutation(len(videos))
+            chosen = {videos[i] for i in order[:n_videos]}
+            fold_dir = folder / name / f"train_{fold}"
+            fold_dir.mkdir(parents=True)
+            kept = [image for image in images if image["video_id"] in chosen]
+            _write_coco(
+                fold_dir / "annotation_ds_coco.json", f"subset {name} fold {fold}", seed, kept, [], CVS_CRITERIA
+            )
+
+
+def _annotator_votes(seed: int, video_id: int, entries: list[dict]) -> list[list[int]]:
+    """Rows ``vid, frame, votes`` whose three annotators' votes average to each keyframe's ``ds``."""
+    rng = np.random.default_rng([seed, 5, video_id])
+    rows = []
+    for entry in entries:
+        # votes[annotator][criterion]: a ds of k/3 gets k positive votes from randomly chosen annotators.
+        votes = np.zeros((3, len(CVS_CRITERIA)), dtype=int)
+        for criterion, score in enumerate(entry["ds"]):
+            votes[rng.permutation(3)[: round(score * 3)], criterion] = 1
+        rows.append([video_id, entry["frame_id"], *votes.ravel().tolist()])
+    return rows
+
+
+def _write_votes(path: Path, rows: list[list[int]]) -> None:
+    header = ["vid", "frame", *(f"{c}_{a}" for a in range(1, 4) for c in CVS_CRITERIA)]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def _plan_split(seed: int, split_index: int, videos: range) -> list[tuple[int, list[tuple[float, ...]]]]:
@@ -145,25 +250,29 @@ def _plan_split(seed: int, split_index: int, videos: range) -> list[tuple[int, l
 
 def _write_video(
     split_dir: Path, seed: int, video_id: int, states: list[tuple[float, ...]], size: int
-) -> tuple[list[dict], int]:
-    """Write one video's frames; return its keyframe annotation entries and the number of frames written."""
+) -> tuple[list[dict], list[tuple[str, np.ndarray]]]:
+    """Write one video's frames; return its keyframe annotation entries and (file name, class map) per frame.
+
+    The class map holds the ``SEG_CATEGORIES`` id (0 = none) of the pattern or tool visible at each pixel.
+    """
     rng = np.random.default_rng([seed, 2, video_id])
     unit = size / 32.0
     pad = max(1, round(2 * unit))
     texture = _texture(rng, size + 2 * pad)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     start_frame = int(rng.integers(0, 400)) * FRAME_STEP
-    entries = []
+    entries, frame_masks = [], []
     frame_index = 0
     for k, ds in enumerate(states):
         keyframe_index = FIRST_KEYFRAME + k * KEYFRAME_EVERY
         scene = _scene(rng, ds, size, unit)
         # The frames since the previous keyframe show this keyframe's state.
         while frame_index <= keyframe_index:
-            frame = _render(rng, scene, texture, pad, size, unit, yy, xx)
+            frame, classes = _render(rng, scene, texture, pad, size, unit, yy, xx)
             frame_num = start_frame + frame_index * FRAME_STEP
             file_name = f"{video_id}_{frame_num}.jpg"
             Image.fromarray(frame).save(split_dir / file_name, format="JPEG", quality=95, subsampling=0)
+            frame_masks.append((file_name, classes))
             frame_index += 1
         entries.append(
             {
@@ -176,7 +285,7 @@ def _write_video(
                 "ds": list(ds),
             }
         )
-    return entries, frame_index
+    return entries, frame_masks
 
 
 def _texture(rng: np.random.Generator, side: int) -> np.ndarray:
@@ -204,7 +313,11 @@ def _scene(rng: np.random.Generator, ds: tuple[float, ...], size: int, unit: flo
         )
     c1, c2, c3 = ds
     # C2 is drawn fainter than C1: the cystic plate is the harder criterion in real data too.
-    for score, kind, alpha in ((c1, "red_square", 0.5 + 0.5 * c1), (c2, "striped_square", 0.3 + 0.6 * c2)):
+    patterns = (
+        (c1, "red_square", 0.5 + 0.5 * c1, _CALOT_TRIANGLE),
+        (c2, "striped_square", 0.3 + 0.6 * c2, _CYSTIC_PLATE),
+    )
+    for score, kind, alpha, class_id in patterns:
         if score > 0:
             side = (3.0 + 3.0 * score) * unit
             scene["shapes"].append(
@@ -213,6 +326,7 @@ def _scene(rng: np.random.Generator, ds: tuple[float, ...], size: int, unit: flo
                     "size": side,
                     "alpha": alpha,
                     "pattern": True,
+                    "class_id": class_id,
                     "y": float(rng.uniform(0, size - side)),
                     "x": float(rng.uniform(0, size - side)),
                 }
@@ -227,13 +341,14 @@ def _scene(rng: np.random.Generator, ds: tuple[float, ...], size: int, unit: flo
         cx = float(rng.uniform(margin + max(0.0, -dx), size - margin - max(0.0, dx)))
         # One annotator of three: only one of the two structures is visible.
         blobs = [(cy, cx)] if c3 < 0.5 else [(cy, cx), (cy + dy, cx + dx)]
-        for y, x in blobs:
+        for (y, x), class_id in zip(blobs, (_CYSTIC_ARTERY, _CYSTIC_DUCT), strict=False):
             scene["shapes"].append(
                 {
                     "kind": "blue_blob",
                     "size": 2 * radius,
                     "alpha": 0.5 + 0.5 * c3,
                     "pattern": True,
+                    "class_id": class_id,
                     "y": y - radius,
                     "x": x - radius,
                 }
@@ -241,10 +356,12 @@ def _scene(rng: np.random.Generator, ds: tuple[float, ...], size: int, unit: flo
     return scene
 
 
-def _render(rng, scene, texture, pad, size, unit, yy, xx) -> np.ndarray:
+def _render(rng, scene, texture, pad, size, unit, yy, xx) -> tuple[np.ndarray, np.ndarray]:
+    """Return the frame and its (size, size) uint8 class map (``SEG_CATEGORIES`` ids, 0 = none)."""
     # Camera motion: the background shifts a little from frame to frame, the objects jitter.
     oy, ox = rng.integers(0, 2 * pad + 1, size=2)
     canvas = texture[oy : oy + size, ox : ox + size].copy()
+    classes = np.zeros((size, size), dtype=np.uint8)
     jitter = max(1.0, unit)
     for shape in scene["shapes"]:
         # Brief occlusions: a pattern is sometimes hidden on one frame of the clip.
@@ -252,27 +369,31 @@ def _render(rng, scene, texture, pad, size, unit, yy, xx) -> np.ndarray:
             continue
         y = shape["y"] + rng.uniform(-jitter, jitter)
         x = shape["x"] + rng.uniform(-jitter, jitter)
-        _draw(canvas, shape, y, x, size, unit, yy, xx)
+        _draw(canvas, classes, shape, y, x, size, unit, yy, xx)
     if rng.random() < 0.3:
-        _draw_tool(rng, canvas, size, unit, yy, xx)
+        _draw_tool(rng, canvas, classes, size, unit, yy, xx)
     canvas *= rng.uniform(0.9, 1.1)
     canvas += rng.normal(0.0, 6.0, size=canvas.shape)
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), classes
 
 
-def _draw(canvas, shape, y, x, size, unit, yy, xx) -> None:
+def _draw(canvas, classes, shape, y, x, size, unit, yy, xx) -> None:
+    """Paint a shape on the canvas, and its class (0 for distractors) where it covers at least half a pixel."""
     kind, side, alpha = shape["kind"], shape["size"], shape["alpha"]
+    class_id = shape.get("class_id", 0)
     if kind in ("disc", "blue_blob"):
         radius = side / 2
         coverage = np.clip(radius + 0.5 - np.hypot(yy - (y + radius), xx - (x + radius)), 0.0, 1.0)
         colour = _BLUE if kind == "blue_blob" else shape["colour"]
         _blend(canvas, coverage * alpha, colour)
+        classes[coverage >= 0.5] = class_id
         return
     y0, x0 = int(round(y)), int(round(x))
     y1, x1 = min(size, y0 + max(1, int(round(side)))), min(size, x0 + max(1, int(round(side))))
     y0, x0 = max(0, y0), max(0, x0)
     if y1 <= y0 or x1 <= x0:
         return
+    classes[y0:y1, x0:x1] = class_id
     region = canvas[y0:y1, x0:x1]
     if kind == "striped_square":
         band = max(1, int(round(unit)))
@@ -283,7 +404,7 @@ def _draw(canvas, shape, y, x, size, unit, yy, xx) -> None:
     region[...] = (1 - alpha) * region + alpha * colour
 
 
-def _draw_tool(rng, canvas, size, unit, yy, xx) -> None:
+def _draw_tool(rng, canvas, classes, size, unit, yy, xx) -> None:
     """A grey instrument shaft entering from the border, drawn over whatever is below it."""
     angle = rng.uniform(0, np.pi)
     cy, cx = rng.uniform(0, size, size=2)
@@ -292,6 +413,7 @@ def _draw_tool(rng, canvas, size, unit, yy, xx) -> None:
     along = (yy - cy) * np.sin(angle) + (xx - cx) * np.cos(angle)
     coverage = np.clip(width / 2 + 0.5 - distance, 0.0, 1.0) * (along > 0)
     _blend(canvas, coverage, _TOOL)
+    classes[coverage >= 0.5] = _TOOL_CLASS
 
 
 def _blend(canvas: np.ndarray, coverage: np.ndarray, colour: np.ndarray) -> None:

@@ -4,11 +4,22 @@ Each split folder holds frames named ``${VIDEO_ID}_${FRAME_NUM}.jpg`` (FRAME_NUM
 second on disk) and ``annotation_ds_coco.json``, whose ``images`` entries are the CVS-labelled keyframes with
 ``ds = [C1, C2, C3]``, each the mean of three annotators. A labelled keyframe becomes a clip of ``clip_frames``
 frames ending at it, so temporal models see the seconds leading up to the label.
+
+Two parts of the layout are read on assumptions, as their format is not documented in shared/formats:
+
+- The data-efficiency subsets ``12_5/train_{0,1,2}/`` and ``25/train_{0,1,2}/`` hold an ``annotation_ds_coco.json``
+  listing the subset's keyframes (frames stay in ``train/``), or else a ``train_vids.txt`` of the subset's videos.
+- ``all_metadata.csv`` holds one row per frame with its video (column ``vid``, or ``video_id``/``video``) and frame
+  number (``frame``, or ``frame_num``/``frame_id``) and one 0/1 vote per annotator and criterion in columns named
+  criterion first, annotator second (``C1_1`` … ``C3_3``; ``C2_rater3``, ``c2_annotator3`` and
+  ``annotator3_C2`` are read too). Rows whose votes are empty (frames without a CVS label) are skipped.
 """
 
 from __future__ import annotations
 
 import bisect
+import csv
+import dataclasses
 import json
 import logging
 import math
@@ -17,9 +28,13 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from avlm.data.integrity import verify_frames
 from avlm.errors import DataError
+
+if TYPE_CHECKING:  # endoscapes_seg imports this module
+    from avlm.data.endoscapes_seg import FrameMask
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +48,13 @@ _FRAME_NAME = re.compile(r"^(\d+)_(\d+)(\.[A-Za-z]+)$")
 FRAME_SELECTIONS = ("stride", "uniform")
 # The official evaluator rounds the annotator mean: 2 of 3 annotators make a positive.
 POSITIVE_THRESHOLD = 0.5
+ANNOTATORS = 3
+# How per-annotator votes become a binary label: majority (2 of 3, the official evaluator's and the ds rounding),
+# any (1 of 3), all (3 of 3), or one annotator's vote.
+LABEL_POLICIES = ("majority", "any", "all", *(f"annotator_{a}" for a in range(1, ANNOTATORS + 1)))
+METADATA_FILE = "all_metadata.csv"
+# data.subset value → folder of the official data-efficiency training subsets.
+SUBSET_FOLDERS = {"12_5": "12_5", "12.5": "12_5", "25": "25"}
 
 
 @dataclass(frozen=True)
@@ -44,8 +66,11 @@ class ClipRecord:
         video_id: Video the clip comes from.
         frame_num: Frame number of the labelled frame at 25 fps, as in the file name.
         frame_paths: Absolute frame paths, oldest first, ending with the labelled frame.
-        labels: Binarised criteria C1, C2, C3 (``score >= 0.5``, the annotators' majority).
+        labels: Binarised criteria C1, C2, C3: by default ``score >= 0.5``, the annotators' majority; see
+            ``label_policy`` of ``load_endoscapes`` for the others.
         scores: The raw ``ds`` values (annotator means 0, 1/3, 2/3 or 1).
+        mask_frames: Per clip frame, its segmentation mask (an ``avlm.data.endoscapes_seg.FrameMask``) or None;
+            empty (the default) when no mask was attached (``attach_masks``).
     """
 
     clip_id: str
@@ -54,6 +79,12 @@ class ClipRecord:
     frame_paths: tuple[str, ...]
     labels: tuple[int, ...]
     scores: tuple[float, ...]
+    mask_frames: tuple[FrameMask | None, ...] = ()
+
+    @property
+    def has_mask(self) -> bool:
+        """True when at least one frame of the clip has a segmentation mask."""
+        return any(mask is not None for mask in self.mask_frames)
 
 
 def parse_frame_name(name: str) -> tuple[int, int] | None:
@@ -72,6 +103,9 @@ def load_endoscapes(
     annotation_file: str = "annotation_ds_coco.json",
     frame_selection: str = "stride",
     clip_window: int = 0,
+    subset: str = "",
+    subset_fold: int = 0,
+    label_policy: str = "majority",
 ) -> dict[str, list[ClipRecord]]:
     """Read the CVS-labelled clips of an Endoscapes2023 copy.
 
@@ -86,6 +120,14 @@ def load_endoscapes(
             labelled frame, each taken as the latest frame on disk at or before it within the window).
         clip_window: ``uniform`` only: span of the window in frame numbers; 0 = ``(clip_frames - 1) ·
             frame_stride``, the span of a ``stride`` clip.
+        subset: ``""`` (the whole train split), or ``12_5`` / ``25``: the ``train`` split is read from the official
+            data-efficiency subset ``<subset>/train_<subset_fold>/`` (its annotation file, frames from ``train/``;
+            or its ``train_vids.txt``). Other splits are unaffected.
+        subset_fold: Which of the subset's folds (0, 1, 2 in the official release).
+        label_policy: How the three annotators' votes make the binary ``labels``: ``majority`` (default; the
+            official evaluator's rounding of ``ds``, read from the annotation file alone), ``any`` (1 of 3),
+            ``all`` (3 of 3) or ``annotator_1`` / ``annotator_2`` / ``annotator_3``; all but ``majority`` read the
+            votes from ``all_metadata.csv``. ``scores`` stay the ``ds`` values.
 
     Returns:
         Split name → records sorted by (video_id, frame_num). A clip frame missing on disk (start of the video or
@@ -93,10 +135,11 @@ def load_endoscapes(
         the earliest existing frame, so the clip stays in time order and always ends with the labelled frame.
 
     Raises:
-        DataError: Missing folder or file, malformed annotation, missing labelled frame, a video shared between
-            splits or absent from its ``<split>_vids.txt``, or clip frames that do not decode (each named with
-            its clip). Every clip frame is decoded once (``avlm.data.integrity``); a later call over unchanged
-            files does not decode them again.
+        DataError: Missing folder or file (a subset folder, ``all_metadata.csv`` for a non-majority policy),
+            malformed annotation, missing labelled frame, a keyframe without votes, a video shared between splits
+            or absent from its ``<split>_vids.txt``, or clip frames that do not decode (each named with its
+            clip). Every clip frame is decoded once (``avlm.data.integrity``); a later call over unchanged files
+            does not decode them again.
     """
     if isinstance(splits, str):
         splits = (splits,)
@@ -106,6 +149,13 @@ def load_endoscapes(
         raise ValueError(
             f"frame_selection must be one of {list(FRAME_SELECTIONS)} and clip_window >= 0, got "
             f"{frame_selection!r} and {clip_window}"
+        )
+    if label_policy not in LABEL_POLICIES:
+        raise ValueError(f"label_policy must be one of {list(LABEL_POLICIES)}, got {label_policy!r}")
+    if (subset and subset not in SUBSET_FOLDERS) or subset_fold < 0:
+        raise ValueError(
+            f"subset must be empty or one of {list(SUBSET_FOLDERS)} and subset_fold >= 0, got {subset!r} and "
+            f"{subset_fold}"
         )
     select = (
         _StrideSelection(clip_frames, frame_stride)
@@ -121,7 +171,12 @@ def load_endoscapes(
     root = root.resolve()
     result: dict[str, list[ClipRecord]] = {}
     for split in splits:
-        result[split] = _load_split(root, split, select, annotation_file)
+        if split == "train" and subset:
+            result[split] = _load_subset(root, SUBSET_FOLDERS[subset], subset_fold, select, annotation_file)
+        else:
+            result[split] = _load_split(root / split, root / split / annotation_file, select)
+    if label_policy != "majority":
+        result = _relabel(root / METADATA_FILE, result, label_policy)
     _check_split_hygiene(root, result)
     # Decoded now, before any run exists, rather than trained on (a truncated JPEG decodes to grey).
     uses: dict[str, str] = {}
@@ -136,13 +191,14 @@ def load_endoscapes(
 
 
 def _load_split(
-    root: Path, split: str, select: Callable[[dict[int, str], int], tuple[str, ...]], annotation_file: str
+    split_dir: Path, json_path: Path, select: Callable[[dict[int, str], int], tuple[str, ...]]
 ) -> list[ClipRecord]:
-    split_dir = root / split
+    """Read the clips of the keyframes ``json_path`` lists, their frames from ``split_dir``."""
     if not split_dir.is_dir():
-        raise DataError(f"Endoscapes split folder {split_dir} does not exist (expected {split}/ under {root})")
+        raise DataError(
+            f"Endoscapes split folder {split_dir} does not exist (expected {split_dir.name}/ under {split_dir.parent})"
+        )
     frames = _index_frames(split_dir)
-    json_path = split_dir / annotation_file
     records = []
     for index, file_name, scores in _read_annotations(json_path):
         # _read_annotations already checked the name, so this parse cannot fail.
@@ -164,6 +220,30 @@ def _load_split(
             )
         )
     records.sort(key=lambda r: (r.video_id, r.frame_num))
+    return records
+
+
+def _load_subset(
+    root: Path, folder: str, fold: int, select: Callable[[dict[int, str], int], tuple[str, ...]], annotation_file: str
+) -> list[ClipRecord]:
+    """The train clips of one fold of an official data-efficiency subset (layout: see the module docstring)."""
+    subset_dir = root / folder / f"train_{fold}"
+    if not subset_dir.is_dir():
+        raise DataError(
+            f"Endoscapes training subset folder {subset_dir} does not exist (data.subset={folder!r}, "
+            f"subset_fold={fold}; the official release has {folder}/train_0, train_1, train_2)"
+        )
+    if (subset_dir / annotation_file).is_file():
+        return _load_split(root / "train", subset_dir / annotation_file, select)
+    vids_file = subset_dir / "train_vids.txt"
+    if not vids_file.is_file():
+        raise DataError(
+            f"Endoscapes training subset folder {subset_dir} holds neither {annotation_file} nor {vids_file.name}"
+        )
+    videos = set(_read_video_list(vids_file))
+    records = [r for r in _load_split(root / "train", root / "train" / annotation_file, select) if r.video_id in videos]
+    if not records:
+        raise DataError(f"{vids_file}: none of its videos has a labelled keyframe in {root / 'train'}")
     return records
 
 
@@ -272,6 +352,107 @@ def _check_scores(ds: object, where: str) -> tuple[float, ...]:
             f"({', '.join(CVS_CRITERIA)}), got {ds!r}"
         )
     return tuple(float(x) for x in ds)
+
+
+def read_annotator_votes(path: str | os.PathLike) -> dict[tuple[int, int], tuple[tuple[int, ...], ...]]:
+    """Read the per-annotator CVS votes of ``all_metadata.csv`` (columns: see the module docstring).
+
+    Returns:
+        (video_id, frame_num) → votes[annotator][criterion], each 0 or 1, for every row whose votes are filled.
+
+    Raises:
+        DataError: The file is missing, lacks the video / frame / vote columns (naming what it has), or holds a
+            vote other than 0 or 1 (naming the row and column).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"per-annotator labels file {path} does not exist (label policies other than majority need it)")
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        video_column = _find_column(header, ("vid", "video_id", "video"))
+        frame_column = _find_column(header, ("frame", "frame_num", "frame_id"))
+        vote_columns = _vote_columns(header)
+        if video_column is None or frame_column is None or len(vote_columns) != ANNOTATORS * len(CVS_CRITERIA):
+            raise DataError(
+                f"{path}: expected a video column (vid), a frame column (frame) and {ANNOTATORS * len(CVS_CRITERIA)} "
+                f"vote columns C<criterion>_<annotator> (C1_1 … C3_3); its columns are {header}"
+            )
+        votes = {}
+        for line_no, row in enumerate(reader, start=2):
+            cells = [[row[vote_columns[(a, k)]].strip() for k in range(len(CVS_CRITERIA))] for a in range(ANNOTATORS)]
+            if all(not cell for annotator in cells for cell in annotator):
+                continue  # a frame without a CVS label
+            try:
+                key = (_whole_number(row[video_column]), _whole_number(row[frame_column]))
+                votes[key] = tuple(tuple(_vote(cell) for cell in annotator) for annotator in cells)
+            except ValueError as exc:
+                raise DataError(f"{path}, line {line_no}: {exc} (row {row})") from exc
+    return votes
+
+
+def _whole_number(text: str) -> int:
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(f"expected a whole number, got {text!r}")
+    return int(value)
+
+
+def _vote(text: str) -> int:
+    if text not in ("0", "1", "0.0", "1.0"):
+        raise ValueError(f"an annotator vote must be 0 or 1, got {text!r}")
+    return int(float(text))
+
+
+def _find_column(header: Sequence[str], names: Sequence[str]) -> str | None:
+    by_name = {column.strip().lower(): column for column in header}
+    return next((by_name[name] for name in names if name in by_name), None)
+
+
+def _vote_columns(header: Sequence[str]) -> dict[tuple[int, int], str]:
+    """(annotator index, criterion index) → column, for names like C2_3, C2_rater3 or annotator3_C2."""
+    columns = {}
+    for column in header:
+        name = re.sub(r"[^a-z0-9]", "", column.lower())
+        criterion_first = re.fullmatch(r"c([1-3])(?:rater|annotator|ann|r|a)?([1-9])", name)
+        annotator_first = re.fullmatch(r"(?:rater|annotator|ann|r|a)([1-9])c([1-3])", name)
+        if criterion_first:
+            criterion, annotator = criterion_first.groups()
+        elif annotator_first:
+            annotator, criterion = annotator_first.groups()
+        else:
+            continue
+        if int(annotator) <= ANNOTATORS:
+            columns[(int(annotator) - 1, int(criterion) - 1)] = column
+    return columns
+
+
+def binarise_votes(votes: Sequence[Sequence[int]], policy: str) -> tuple[int, ...]:
+    """Binary C1..C3 labels from votes[annotator][criterion] under a ``LABEL_POLICIES`` policy."""
+    if policy.startswith("annotator_"):
+        return tuple(int(v) for v in votes[int(policy.removeprefix("annotator_")) - 1])
+    needed = {"majority": ANNOTATORS // 2 + 1, "any": 1, "all": ANNOTATORS}[policy]
+    return tuple(int(sum(annotator[k] for annotator in votes) >= needed) for k in range(len(CVS_CRITERIA)))
+
+
+def _relabel(metadata: Path, result: dict[str, list[ClipRecord]], policy: str) -> dict[str, list[ClipRecord]]:
+    """Replace the labels by the policy's binarisation of the annotators' votes."""
+    votes = read_annotator_votes(metadata)
+    relabelled: dict[str, list[ClipRecord]] = {}
+    disagreeing = 0
+    for split, records in result.items():
+        relabelled[split] = []
+        for record in records:
+            clip_votes = votes.get((record.video_id, record.frame_num))
+            if clip_votes is None:
+                raise DataError(f"{metadata}: no annotator votes for {split} keyframe {record.clip_id}")
+            means = [sum(a[k] for a in clip_votes) / ANNOTATORS for k in range(len(CVS_CRITERIA))]
+            disagreeing += any(abs(m - s) > 1e-6 for m, s in zip(means, record.scores, strict=True))
+            relabelled[split].append(dataclasses.replace(record, labels=binarise_votes(clip_votes, policy)))
+    if disagreeing:
+        logger.warning("%s: the votes of %d keyframes do not average to their ds scores", metadata, disagreeing)
+    logger.info("Endoscapes labels: policy %s (votes from %s)", policy, metadata)
+    return relabelled
 
 
 def _check_split_hygiene(root: Path, result: dict[str, list[ClipRecord]]) -> None:

@@ -10,6 +10,13 @@ from avlm.models.adaptation import (
     trainable_state_dict,
     unfreeze_last_blocks,
 )
+from avlm.models.attention_bias import (
+    MASKED_KEY_BIAS,
+    TokenMask,
+    additive_key_bias,
+    anatomy_token_mask,
+    attention_probe,
+)
 from avlm.models.backbones import BackboneOutput, TokenLayout, VideoBackbone, build_backbone
 from avlm.models.captioner import (
     FUSION_MODES,
@@ -48,8 +55,16 @@ from avlm.models.pretext import (
     pretrain_backbone,
     save_backbone_checkpoint,
 )
+from avlm.models.segmentation import SegmentationHead, segmentation_loss
 
 __all__ = [
+    "SegmentationHead",
+    "segmentation_loss",
+    "MASKED_KEY_BIAS",
+    "TokenMask",
+    "additive_key_bias",
+    "anatomy_token_mask",
+    "attention_probe",
     "ADAPTATION_MODES",
     "AdditiveAdapter",
     "AttentivePooler",

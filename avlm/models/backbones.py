@@ -11,17 +11,19 @@ Every backbone takes ``pixel_values`` of shape (B, T, C, H, W), already resized 
 normalised with the backbone's ``mean`` / ``std`` (the data pipeline does both), and returns tokens (B, N, D):
 V-JEPA 2 gives one token per spatio-temporal tubelet; timm models give one pooled feature per frame (N = T), or
 with ``frame_tokens="all"`` (ViTs) every token of every frame, CLS/register tokens included, which
-``prefix_token_mask`` marks.
+``prefix_token_mask`` marks. ``forward(..., token_mask=...)`` masks keys inside self-attention (anatomy masks,
+see ``avlm.models.attention_bias``); ``enable_gradient_checkpointing()`` trades compute for activation memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,6 +31,14 @@ import torch
 from torch import nn
 
 from avlm.errors import ModelError
+from avlm.models.attention_bias import (
+    AttentionCall,
+    AttentionProbe,
+    additive_key_bias,
+    checkpoint_context_fn,
+    install_timm_key_bias,
+    vjepa2_attention_call,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -207,22 +217,93 @@ class VideoBackbone(nn.Module):
         self.std = tuple(float(s) for s in std)
         self.revision = revision
         self._identity = identity
+        # Set by avlm.models.attention_bias.attention_probe for the forwards inside its block.
+        self.attention_probe: AttentionProbe | None = None
+        self.gradient_checkpointing = False
 
     def base_model(self) -> nn.Module:
         """The HF / timm module itself, looking through a peft wrapper when LoRA is applied."""
         return _unwrap_peft(self.model)
 
-    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> BackboneOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool = False,
+        token_mask: torch.Tensor | None = None,
+        masked_layers: Sequence[int] = (),
+    ) -> BackboneOutput:
         """Encode a batch of clips.
 
         Args:
             pixel_values: (B, T, C, H, W) normalised frames, T = ``num_frames``, H = W = ``image_size``.
-            output_attentions: also return per-layer attention probabilities.
+            output_attentions: also return per-layer attention probabilities (with their graph when the backbone
+                trains, e.g. for attention supervision).
+            token_mask: (B, N) bool over the output tokens (``token_layout()``), True = may be attended: the other
+                keys get an additive bias of ``MASKED_KEY_BIAS`` in the self-attention of ``masked_layers``, so no
+                query attends to them. None = no bias, the forward is exactly the unmasked one.
+            masked_layers: layer indices the mask applies at; empty = every layer.
 
         Returns:
             The tokens and, when asked, the attentions.
+
+        Raises:
+            ModelError: input of the wrong shape, a token mask for a backbone without a token layout or of the
+                wrong shape, or a layer index out of range.
         """
+        self._check_input(pixel_values)
+        key_bias = None if token_mask is None else self._key_bias(token_mask, pixel_values.shape[0])
+        biased_layers = frozenset() if token_mask is None else self.check_layer_indices(masked_layers)
+        return self._encode(pixel_values, output_attentions, key_bias, biased_layers)
+
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool,
+        key_bias: torch.Tensor | None,
+        biased_layers: frozenset[int],
+    ) -> BackboneOutput:
+        """The backbone's forward, inputs checked: ``key_bias`` (B, N) additive float at ``biased_layers``."""
         raise NotImplementedError
+
+    def has_attention_layers(self) -> bool:
+        """Whether the backbone's blocks compute self-attention that can be masked, probed and returned."""
+        return True
+
+    def check_layer_indices(self, layers: Sequence[int], what: str = "masked layers") -> frozenset[int]:
+        """The layer indices as a set, every one checked against the number of blocks.
+
+        Args:
+            layers: indices from 0; empty = every layer.
+            what: what they are, for the error message.
+
+        Raises:
+            ModelError: an index outside ``[0, number of blocks)``.
+        """
+        count = len(self.blocks())
+        bad = [index for index in layers if not 0 <= int(index) < count]
+        if bad:
+            raise ModelError(f"{what} {bad} out of range: backbone '{self.name}' has layers 0..{count - 1}")
+        return frozenset(int(index) for index in layers) or frozenset(range(count))
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block's activations during backward instead of keeping them (train mode; works with
+        LoRA and unfrozen blocks, and with the key bias of ``token_mask``)."""
+        raise NotImplementedError
+
+    def _key_bias(self, token_mask: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, N) float32 additive key bias from a (B, N) bool token mask, checked against the token layout."""
+        layout = self.token_layout()
+        if layout is None:
+            raise ModelError(
+                f"backbone '{self.name}' has no token layout (pooled frame features): its attention cannot be "
+                "masked by tokens; use frame_tokens='all' with a ViT"
+            )
+        if token_mask.dtype != torch.bool or tuple(token_mask.shape) != (batch, layout.num_tokens):
+            raise ModelError(
+                f"token_mask must be a bool tensor of shape ({batch}, {layout.num_tokens}) for backbone "
+                f"'{self.name}', got {token_mask.dtype} {tuple(token_mask.shape)}"
+            )
+        return additive_key_bias(token_mask, torch.float32)
 
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks in order (the last ones are unfrozen by ``unfreeze_last_blocks``)."""
@@ -292,10 +373,29 @@ class VideoBackbone(nn.Module):
 class VJEPA2Backbone(VideoBackbone):
     """V-JEPA 2 encoder (the predictor is never run); tokens are (B, T/tubelet · (H/patch)², D)."""
 
-    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> BackboneOutput:
-        self._check_input(pixel_values)
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool,
+        key_bias: torch.Tensor | None,
+        biased_layers: frozenset[int],
+    ) -> BackboneOutput:
         base = self.base_model()
         previous = base.config._attn_implementation
+        if key_bias is not None or self.attention_probe is not None:
+            call = AttentionCall(
+                layer_of={layer.attention: index for index, layer in enumerate(base.encoder.layer)},
+                fallback=previous,
+                key_bias=key_bias,
+                biased_layers=biased_layers,
+                probabilities=output_attentions,
+                probe=self.attention_probe,
+            )
+            with vjepa2_attention_call(base, call):
+                out = self.model(
+                    pixel_values_videos=pixel_values, skip_predictor=True, output_attentions=output_attentions
+                )
+            return self._output(out, output_attentions)
         # sdpa/flash kernels never materialise the probabilities: switch to eager for this call only.
         switch = output_attentions and previous != "eager"
         if switch:
@@ -305,15 +405,27 @@ class VJEPA2Backbone(VideoBackbone):
         finally:
             if switch:
                 base.set_attn_implementation(previous)
+        return self._output(out, output_attentions)
+
+    def _output(self, out: Any, output_attentions: bool) -> BackboneOutput:
         attentions = None
         if output_attentions:
             attentions = list(out.attentions or ())
-            if len(attentions) != len(base.encoder.layer):
+            layers = len(self.base_model().encoder.layer)
+            if len(attentions) != layers:
                 raise ModelError(
-                    f"backbone '{self.name}' returned {len(attentions)} attention maps for "
-                    f"{len(base.encoder.layer)} layers"
+                    f"backbone '{self.name}' returned {len(attentions)} attention maps for {layers} layers"
                 )
         return BackboneOutput(tokens=out.last_hidden_state, attentions=attentions)
+
+    def enable_gradient_checkpointing(self) -> None:
+        base = self.base_model()
+        # Non-reentrant (it needs no input that requires grad, so frozen embeddings + LoRA work); the context_fn
+        # replays a layer with the attention (key bias) it ran with, since the recomputation comes after forward.
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context_fn(base)}
+        )
+        self.gradient_checkpointing = True
 
     def blocks(self) -> nn.ModuleList:
         return self.base_model().encoder.layer
@@ -348,6 +460,7 @@ class TimmFrameBackbone(VideoBackbone):
         super().__init__(**kwargs)
         self.frame_tokens = frame_tokens
         self._warned_no_attention = False
+        self._attention_setup: list[Callable[[], None]] = []
 
     def prefix_token_mask(self) -> torch.Tensor | None:
         if self.frame_tokens != "all":
@@ -384,39 +497,85 @@ class TimmFrameBackbone(VideoBackbone):
             return None
         return modules
 
-    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> BackboneOutput:
-        self._check_input(pixel_values)
+    def has_attention_layers(self) -> bool:
+        return self._attention_modules() is not None
+
+    def _encode(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool,
+        key_bias: torch.Tensor | None,
+        biased_layers: frozenset[int],
+    ) -> BackboneOutput:
+        self._undo_attention_setup()
         batch, frames = pixel_values.shape[:2]
         images = pixel_values.flatten(0, 1)
         base = self.base_model()
+        probe = self.attention_probe
+        if key_bias is not None:
+            # Per frame: the frames run folded into the batch, so clip b's keys of frame t are row b·T + t.
+            key_bias = key_bias.reshape(batch * frames, -1)
 
-        attention_modules = self._attention_modules() if output_attentions else None
+        wants_modules = output_attentions or probe is not None or key_bias is not None
+        attention_modules = self._attention_modules() if wants_modules else None
+        if attention_modules is None and (probe is not None or key_bias is not None):
+            raise ModelError(f"backbone '{self.name}' has no ViT attention blocks to mask or probe")
         if output_attentions and attention_modules is None and not self._warned_no_attention:
             logger.warning("backbone '%s' has no ViT attention blocks: attentions are not available", self.name)
             self._warned_no_attention = True
 
         captured: list[torch.Tensor] = []
-        hooks = []
-        was_fused = {}
-        for module in attention_modules or ():
+        recording = [True]  # off once this forward ends: checkpointing's recomputation must not record again
+
+        def record(index: int) -> Callable[[nn.Module, tuple], None]:
+            def hook(_module: nn.Module, args: tuple) -> None:
+                if not recording[0]:
+                    return
+                if output_attentions:
+                    captured.append(args[0])
+                if probe is not None and probe.wants(index):
+                    probe.reduce(index, args[0].detach())
+
+            return hook
+
+        for index, module in enumerate(attention_modules or ()):
+            if not (output_attentions or (probe is not None and probe.wants(index))):
+                continue
             # The fused kernel never materialises the probabilities; the explicit path feeds them to attn_drop
             # (a pre-hook sees them before dropout).
-            was_fused[module] = module.fused_attn
+            handle = module.attn_drop.register_forward_pre_hook(record(index))
+            self._attention_setup.append(functools.partial(_restore_attention, module, module.fused_attn, handle))
             module.fused_attn = False
-            hooks.append(module.attn_drop.register_forward_pre_hook(lambda _m, args: captured.append(args[0])))
+        if key_bias is not None:
+            handles = install_timm_key_bias(attention_modules, biased_layers, key_bias)
+            self._attention_setup.extend(handle.remove for handle in handles)
         try:
             features = base.forward_features(images)
             if self.frame_tokens == "pooled":
                 features = base.forward_head(features, pre_logits=True)
         finally:
-            for hook in hooks:
-                hook.remove()
-            for module, fused in was_fused.items():
-                module.fused_attn = fused
+            recording[0] = False
+            # Checkpointing recomputes the blocks during backward: the key bias and kernels stay as they ran until
+            # the next forward.
+            if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+                self._undo_attention_setup()
 
         # pooled: (B·T, D) → (B, T, D); all: (B·T, P + patches, D) → (B, T·(P + patches), D), frame by frame
         tokens = features.reshape(batch, -1, features.shape[-1])
-        return BackboneOutput(tokens=tokens, attentions=captured if attention_modules is not None else None)
+        return BackboneOutput(tokens=tokens, attentions=captured if output_attentions and attention_modules else None)
+
+    def _undo_attention_setup(self) -> None:
+        """Remove the hooks and restore the kernels a forward set up (kept after it only for checkpointing)."""
+        while self._attention_setup:
+            self._attention_setup.pop()()
+
+    def enable_gradient_checkpointing(self) -> None:
+        base = self.base_model()
+        if not hasattr(base, "set_grad_checkpointing"):
+            raise ModelError(f"backbone '{self.name}': timm model has no set_grad_checkpointing")
+        # timm checkpoints non-reentrantly by default (timm.layers.use_reentrant_ckpt() is False).
+        base.set_grad_checkpointing(True)
+        self.gradient_checkpointing = True
 
     def blocks(self) -> nn.ModuleList:
         base = self.base_model()
@@ -441,6 +600,11 @@ class TimmFrameBackbone(VideoBackbone):
 
     def lora_target_regex(self, modules: Sequence[str]) -> str:
         return _regex_for(modules, _TIMM_LORA_TARGETS, r"blocks", self.name)
+
+
+def _restore_attention(module: nn.Module, fused: bool, handle: torch.utils.hooks.RemovableHandle) -> None:
+    handle.remove()
+    module.fused_attn = fused
 
 
 def _build_vjepa2(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +20,15 @@ class ClassifierOutput:
     Attributes:
         logits: (B, num_classes).
         pooler_attention: (B, heads, num_queries, N) for attentive pooling, else None.
-        backbone_attentions: per backbone layer, when asked for and computed from pixels, else None.
+        backbone_attentions: per backbone layer, when asked for and computed from pixels, else None; they carry
+            their graph when the backbone trains (attention supervision of backbone layers).
+        seg_logits: (B, T, classes, S, S) per-frame segmentation logits when the classifier has a seg_head.
     """
 
     logits: torch.Tensor
     pooler_attention: torch.Tensor | None = None
     backbone_attentions: list[torch.Tensor] | None = None
+    seg_logits: torch.Tensor | None = None
 
 
 class VideoClassifier(nn.Module):
@@ -36,12 +40,27 @@ class VideoClassifier(nn.Module):
     Args:
         backbone: the video encoder.
         head: the classification head over its tokens.
+        masked_layers: the backbone layers a ``backbone_mask`` applies at; empty = every layer.
+        seg_head: an optional segmentation decoder over the same tokens (multi-task training).
+
+    Raises:
+        ModelError: a masked layer index out of the backbone's range.
     """
 
-    def __init__(self, backbone: VideoBackbone, head: ClassificationHead) -> None:
+    def __init__(
+        self,
+        backbone: VideoBackbone,
+        head: ClassificationHead,
+        masked_layers: Sequence[int] = (),
+        seg_head: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.seg_head = seg_head
+        if masked_layers:
+            backbone.check_layer_indices(masked_layers)
+        self.masked_layers = tuple(int(index) for index in masked_layers)
 
     def backbone_is_frozen(self) -> bool:
         """Whether no backbone parameter requires a gradient."""
@@ -53,14 +72,23 @@ class VideoClassifier(nn.Module):
             self.backbone.eval()
         return self
 
-    def _run_backbone(self, pixel_values: torch.Tensor, output_attentions: bool):
+    def _run_backbone(
+        self, pixel_values: torch.Tensor, output_attentions: bool, token_mask: torch.Tensor | None = None
+    ):
         frozen = self.backbone_is_frozen()
         # Trainability can change after .train() was called (staged unfreezing), so the mode is settled per call.
         wanted_mode = self.training and not frozen
         if self.backbone.training != wanted_mode:
             self.backbone.train(wanted_mode)
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            return self.backbone(pixel_values, output_attentions=output_attentions)
+            if token_mask is None:
+                return self.backbone(pixel_values, output_attentions=output_attentions)
+            return self.backbone(
+                pixel_values,
+                output_attentions=output_attentions,
+                token_mask=token_mask,
+                masked_layers=self.masked_layers,
+            )
 
     def backbone_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Backbone forward only (what a feature cache stores).
@@ -79,6 +107,8 @@ class VideoClassifier(nn.Module):
         *,
         tokens: torch.Tensor | None = None,
         output_attentions: bool = False,
+        pooler_mask: torch.Tensor | None = None,
+        backbone_mask: torch.Tensor | None = None,
     ) -> ClassifierOutput:
         """Classify clips, or cached backbone tokens.
 
@@ -86,20 +116,28 @@ class VideoClassifier(nn.Module):
             pixel_values: (B, T, C, H, W) normalised frames.
             tokens: (B, N, D) cached backbone output; only the head runs.
             output_attentions: also return the backbone's per-layer attentions (pixels only).
+            pooler_mask: (B, N) bool, the tokens the head's pooler may attend to (``anatomy_token_mask``).
+            backbone_mask: (B, N) bool, the keys the backbone's self-attention may attend to at ``masked_layers``
+                (pixels only).
 
         Returns:
             Logits and attention maps.
 
         Raises:
-            ValueError: neither or both of ``pixel_values`` and ``tokens`` given.
+            ValueError: neither or both of ``pixel_values`` and ``tokens`` given, or a backbone mask with tokens.
         """
         if (pixel_values is None) == (tokens is None):
             raise ValueError("pass exactly one of pixel_values or tokens")
+        if backbone_mask is not None and tokens is not None:
+            raise ValueError("backbone_mask needs pixel_values: cached tokens were computed without it")
         backbone_attentions = None
         if tokens is None:
-            out = self._run_backbone(pixel_values, output_attentions=output_attentions)
+            out = self._run_backbone(pixel_values, output_attentions=output_attentions, token_mask=backbone_mask)
             tokens, backbone_attentions = out.tokens, out.attentions
-        logits, pooler_attention = self.head(tokens)
+        logits, pooler_attention = self.head(tokens, pooler_mask)
         return ClassifierOutput(
-            logits=logits, pooler_attention=pooler_attention, backbone_attentions=backbone_attentions
+            logits=logits,
+            pooler_attention=pooler_attention,
+            backbone_attentions=backbone_attentions,
+            seg_logits=self.seg_head(tokens) if self.seg_head is not None else None,
         )

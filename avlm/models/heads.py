@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from avlm.errors import ConfigError
+from avlm.errors import ConfigError, ModelError
+from avlm.models.attention_bias import additive_key_bias
 
 POOLINGS = ("attentive", "mean")
 
@@ -42,18 +43,40 @@ class AttentivePooler(nn.Module):
     def out_dim(self) -> int:
         return self.num_queries * self.dim
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool tokens.
 
         Args:
             tokens: (B, N, D).
+            token_mask: (B, N) bool, True = the queries may attend to the token; the others get an additive bias
+                of ``MASKED_KEY_BIAS`` (finite: a row with every token masked stays uniform). None = no bias.
 
         Returns:
             The pooled features (B, num_queries·D) and the attention probabilities (B, heads, num_queries, N).
+
+        Raises:
+            ModelError: a token mask that is not bool of shape (B, N).
         """
         keys = self.norm(tokens)
-        queries = self.queries.expand(tokens.shape[0], -1, -1)
-        pooled, attention = self.attention(queries, keys, keys, need_weights=True, average_attn_weights=False)
+        batch = tokens.shape[0]
+        queries = self.queries.expand(batch, -1, -1)
+        attn_mask = None
+        if token_mask is not None:
+            if token_mask.dtype != torch.bool or token_mask.shape != tokens.shape[:2]:
+                raise ModelError(
+                    f"pooler token_mask must be a bool tensor of shape {tuple(tokens.shape[:2])}, got "
+                    f"{token_mask.dtype} {tuple(token_mask.shape)}"
+                )
+            # nn.MultiheadAttention takes a per-head mask as (B·heads, queries, N).
+            bias = additive_key_bias(token_mask, keys.dtype)[:, None, None, :]
+            attn_mask = bias.expand(-1, self.num_heads, self.num_queries, -1).reshape(
+                batch * self.num_heads, self.num_queries, -1
+            )
+        pooled, attention = self.attention(
+            queries, keys, keys, need_weights=True, average_attn_weights=False, attn_mask=attn_mask
+        )
         return pooled.flatten(1), attention
 
 
@@ -72,8 +95,14 @@ class MeanPooler(nn.Module):
     def out_dim(self) -> int:
         return self.dim
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Pool tokens (B, N, D) into (B, D); there is no attention map."""
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """Pool tokens (B, N, D) into (B, D); there is no attention map.
+
+        Raises:
+            ModelError: a token mask is given (a mean has no attention to mask).
+        """
+        if token_mask is not None:
+            raise ModelError("mean pooling has no attention to mask: use pooling 'attentive' for a pooler mask")
         return tokens.mean(dim=1), None
 
 
@@ -123,16 +152,19 @@ class ClassificationHead(nn.Module):
             nn.Linear(hidden_dim, num_classes),
         )
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Classify.
 
         Args:
             tokens: (B, N, D) backbone tokens.
+            token_mask: (B, N) bool, the tokens the attentive pooler may attend to; None = all.
 
         Returns:
             Logits (B, num_classes) and the pooler attention (B, heads, num_queries, N), or None for mean pooling.
         """
-        pooled, attention = self.pooler(tokens)
+        pooled, attention = self.pooler(tokens, token_mask)
         return self.mlp(pooled), attention
 
 

@@ -24,12 +24,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from avlm.config import load_config
 from avlm.data import (
     CVS_CRITERIA,
+    SEG_CLASSES,
     ClipDataset,
     EpochSampler,
+    attach_masks,
     check_training_splits,
     class_balanced_weights,
     default_cache_dir,
@@ -37,21 +40,33 @@ from avlm.data import (
     label_checksum,
     load_endoscapes,
     manifest_hash,
-    mix_clips,
 )
+from avlm.data.clips import clip_masks
+from avlm.data.mixing import draw_mix
 from avlm.errors import ConfigError, DataError, ModelError
 from avlm.features import TokenDataset, cached_tokens
-from avlm.losses import MultiLabelLoss
-from avlm.metrics import attention_entropy_percent, average_precision_per_class, layer_entropies_percent
+from avlm.losses import MultiLabelLoss, attention_supervision_loss
+from avlm.metrics import (
+    AttentionDiagnostics,
+    ConfusionMatrix,
+    attention_entropy_percent,
+    average_precision_per_class,
+    layer_entropies_percent,
+    segmentation_metrics,
+)
 from avlm.models import (
     ClassificationHead,
+    SegmentationHead,
     VideoClassifier,
+    anatomy_token_mask,
     apply_adaptation,
+    attention_probe,
     build_backbone,
     count_parameters,
     load_trainable_state_dict,
     parameter_groups,
     save_lora_adapter,
+    segmentation_loss,
 )
 from avlm.models.adaptation import layer_decay_parts
 from avlm.models.tta import TTA_AUGMENTATIONS, tta_probabilities
@@ -96,6 +111,12 @@ class CVSDataConfig:
     cache_dir: feature cache and demo data location; empty = $AVLM_CACHE_DIR or ~/.cache/avlm.
     entropy_clips: fixed validation clips on which attention entropy is measured each epoch.
     limit_clips: keep only the first N clips of each split (quick checks); 0 = all.
+    subset / subset_fold: train on an official data-efficiency subset of the training videos ("12.5" or "25",
+        folds 0-2); empty = the whole training split.
+    label_policy: how the three annotators' votes become a binary label: majority (2 of 3, the official evaluator),
+        any (1 of 3), all (3 of 3), or annotator_1 / annotator_2 / annotator_3 (all_metadata.csv).
+    masks: read the Endoscapes-Seg50 anatomy masks (<split>_seg/) when the dataset has them; the segmentation head,
+        the attention masks and supervision need them, the attention diagnostics use them (mass inside the anatomy).
     """
 
     data_dir: str = ""
@@ -111,6 +132,10 @@ class CVSDataConfig:
     cache_dir: str = ""
     entropy_clips: int = 16
     limit_clips: int = 0
+    subset: Literal["", "12.5", "25"] = ""
+    subset_fold: int = 0
+    label_policy: Literal["majority", "any", "all", "annotator_1", "annotator_2", "annotator_3"] = "majority"
+    masks: bool = True
 
     def __post_init__(self) -> None:
         for key in ("clip_frames", "frame_stride"):
@@ -119,6 +144,8 @@ class CVSDataConfig:
         for key in ("mixup_alpha", "cutmix_alpha", "entropy_clips", "limit_clips", "clip_window"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key 'data.{key}' must be >= 0, got {getattr(self, key)}")
+        if self.subset_fold not in (0, 1, 2):
+            raise ConfigError(f"config key 'data.subset_fold' must be 0, 1 or 2, got {self.subset_fold}")
         if self.clip_window and self.frame_selection != "uniform":
             raise ConfigError("config key 'data.clip_window' applies to data.frame_selection=uniform only")
 
@@ -141,6 +168,14 @@ class CVSModelConfig:
     stage2_epochs / stage2_lr: staged only: stage 2 starts from stage 1's best checkpoint with fresh AdamW state
         and runs up to stage2_epochs epochs (0 = until train.epochs), the head at stage2_lr (0 = train.lr) and the
         unfrozen blocks at train.backbone_lr, early-stopping after train.patience epochs without improvement.
+    seg_head: Exp8's multi-task decoder: per-frame anatomy segmentation (5 classes) from the patch tokens, trained
+        with loss.seg_weight · CE on the clips that have masks; val mIoU and IoU per class every epoch.
+    seg_hidden: the decoder's width.
+    attention_mask: hard attention masking on the anatomy (Exp12): none; pooler (the attentive pooler's queries may
+        only attend to tokens whose patches overlap the anatomy); backbone (the same additive bias inside the
+        backbone's self-attention at attention_mask_layers). Clips without masks pass unmasked.
+    attention_mask_layers: backbone layers that get the bias (0-based; negative counts from the end); empty = all.
+    attention_mask_dilation: grow the anatomy's patch mask by this many patches before masking.
     pooling: attentive (learned queries + cross-attention) or mean.
     head_queries / head_heads / head_hidden / head_dropout: attentive pooler and MLP sizes.
     """
@@ -160,6 +195,11 @@ class CVSModelConfig:
     stage2_epochs: int = 0
     stage2_lr: float = 0.0
     drop_path: float = 0.0
+    seg_head: bool = False
+    seg_hidden: int = 64
+    attention_mask: Literal["none", "pooler", "backbone"] = "none"
+    attention_mask_layers: list[int] = dataclasses.field(default_factory=list)
+    attention_mask_dilation: int = 0
     pooling: Literal["attentive", "mean"] = "attentive"
     head_queries: int = 1
     head_heads: int = 4
@@ -176,6 +216,17 @@ class CVSModelConfig:
                 raise ConfigError(f"config key 'model.{key}' must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.drop_path < 1:
             raise ConfigError(f"config key 'model.drop_path' must be in [0, 1), got {self.drop_path}")
+        for key in ("seg_hidden",):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'model.{key}' must be >= 1, got {getattr(self, key)}")
+        if self.attention_mask_dilation < 0:
+            raise ConfigError(
+                f"config key 'model.attention_mask_dilation' must be >= 0, got {self.attention_mask_dilation}"
+            )
+        if self.attention_mask == "pooler" and self.pooling != "attentive":
+            raise ConfigError("config key 'model.attention_mask: pooler' needs model.pooling: attentive")
+        if self.attention_mask_layers and self.attention_mask != "backbone":
+            raise ConfigError("config key 'model.attention_mask_layers' applies to model.attention_mask: backbone only")
         if self.drop_path and self.adaptation == "frozen":
             # a frozen backbone always runs in eval mode (VideoClassifier), where drop path does nothing
             raise ConfigError(
@@ -190,6 +241,15 @@ class LossConfig:
     pos_weight: per-criterion positive weight [C1, C2, C3]; empty = none.
     focal_alpha / focal_gamma: focal loss parameters.
     label_smoothing: targets become y(1-ε) + ε/2.
+    seg_weight: weight of the segmentation CE (model.seg_head) in the total loss.
+    seg_class_weights: per-class weights of that CE, in SEG_CLASSES order (background first); empty = unweighted
+        (Exp8). Small anatomy on a large background (the demo: 1.8% of the pixels) needs them.
+    attention_supervision: weight λ of a term pulling attention towards the anatomy masks (Exp11); 0 = off.
+    attention_supervision_kind: kl (KL from the uniform distribution over the mask's tokens) or bce (-log of the
+        attention mass inside the mask).
+    attention_supervision_source: pooler (the attentive pooler's attention) or backbone (the layers in
+        attention_supervision_layers, which must train: LoRA / unfreeze / staged).
+    attention_supervision_layers: backbone layers supervised (0-based, negative from the end); empty = all.
     """
 
     kind: Literal["bce", "focal"] = "bce"
@@ -197,8 +257,24 @@ class LossConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
+    seg_weight: float = 0.5
+    seg_class_weights: list[float] = dataclasses.field(default_factory=list)
+    attention_supervision: float = 0.0
+    attention_supervision_kind: Literal["kl", "bce"] = "kl"
+    attention_supervision_source: Literal["pooler", "backbone"] = "pooler"
+    attention_supervision_layers: list[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for key in ("seg_weight", "attention_supervision"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'loss.{key}' must be >= 0, got {getattr(self, key)}")
+        if self.seg_class_weights and (
+            len(self.seg_class_weights) != len(SEG_CLASSES) or min(self.seg_class_weights) < 0
+        ):
+            raise ConfigError(
+                f"config key 'loss.seg_class_weights' needs {len(SEG_CLASSES)} values >= 0 ({', '.join(SEG_CLASSES)}), "
+                f"got {self.seg_class_weights}"
+            )
         if self.pos_weight and len(self.pos_weight) != len(CVS_CRITERIA):
             raise ConfigError(f"config key 'loss.pos_weight' needs {len(CVS_CRITERIA)} values, got {self.pos_weight}")
         if not 0 <= self.label_smoothing < 1:
@@ -212,9 +288,12 @@ class CVSTrainConfig(TrainConfig):
     Attributes:
         layer_decay: layer-wise learning-rate decay (BEiT / MAE): of L backbone blocks, block i trains at
             backbone_lr · layer_decay^(L - i), the embeddings at backbone_lr · layer_decay^(L + 1); 1 = off.
+        gradient_checkpointing: recompute the backbone blocks' activations in the backward pass instead of keeping
+            them (less memory for LoRA / unfrozen blocks, about a third more compute).
     """
 
     layer_decay: float = 1.0
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -229,11 +308,25 @@ class CVSEvalConfig:
         probabilities averaged over the clip and each of hflip (mirrored frames) and temporal_shift (the clip one
         frame later, still ending on the labelled frame). The per-epoch evaluation that picks the best checkpoint
         runs without them. Empty = off.
+    diagnostics: after training, the best checkpoint's attention on the val clips (the log's "Attention Diagnostic"
+        and "Criterion Comparison" analyses): per layer and for the pooler the entropy, std and max of the attention
+        and its mass inside the anatomy masks, by label category; logged as attn/* metrics and tables/attention_*.
+        Computed one layer of one batch at a time (see README: memory).
+    diagnostics_clips: val clips in the diagnostics; 0 = all.
+    heatmap_clips: val clips drawn as attention heatmaps over their frames (plots/attention_heatmaps*.png).
+    heatmap_layers: backbone layers drawn beside the pooler (negative counts from the end).
     """
 
     tta: list[str] = dataclasses.field(default_factory=list)
+    diagnostics: bool = True
+    diagnostics_clips: int = 0
+    heatmap_clips: int = 4
+    heatmap_layers: list[int] = dataclasses.field(default_factory=lambda: [-1])
 
     def __post_init__(self) -> None:
+        for key in ("diagnostics_clips", "heatmap_clips"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'eval.{key}' must be >= 0, got {getattr(self, key)}")
         unknown = [name for name in self.tta if name not in TTA_AUGMENTATIONS]
         if unknown or len(set(self.tta)) != len(self.tta):
             raise ConfigError(
@@ -299,10 +392,72 @@ def load_cvs_splits(cfg: CVSDataConfig) -> tuple[dict[str, list], str]:
         frame_stride=cfg.frame_stride,
         frame_selection=cfg.frame_selection,
         clip_window=cfg.clip_window,
+        subset=cfg.subset,
+        subset_fold=cfg.subset_fold,
+        label_policy=cfg.label_policy,
     )
     if cfg.limit_clips:
         splits = {name: records[: cfg.limit_clips] for name, records in splits.items()}
+    if cfg.masks:
+        # the splits that have Endoscapes-Seg50 masks get them (Seg50 covers 50 of the 201 videos)
+        segmented = [name for name in splits if (root / f"{name}_seg").is_dir()]
+        splits.update(attach_masks(root, {name: splits[name] for name in segmented}))
     return splits, dataset
+
+
+def check_mask_config(cfg: CVSConfig, splits: dict[str, list], where: str) -> bool:
+    """Refuse settings that cannot work together; return whether the clips carry anatomy masks.
+
+    Raises:
+        ConfigError: a switch needs masks that data.masks is off for or the training clips lack, backbone attention
+            supervision of a backbone that does not train, or TTA with attention masks (a flipped clip would no
+            longer match its mask).
+    """
+    with_masks = any(record.has_mask for records in splits.values() for record in records)
+    users = [
+        name
+        for name, used in (
+            ("model.seg_head", cfg.model.seg_head),
+            ("model.attention_mask", cfg.model.attention_mask != "none"),
+            ("loss.attention_supervision", cfg.loss.attention_supervision > 0),
+        )
+        if used
+    ]
+    if users and not cfg.data.masks:
+        raise ConfigError(f"config keys {users} need the anatomy masks: set data.masks: true")
+    if users and not any(record.has_mask for record in splits["train"]):
+        raise ConfigError(
+            f"config keys {users} need anatomy masks, but no training clip of {where} has one (Endoscapes-Seg50 "
+            "masks are read from <data_dir>/train_seg/annotation_coco.json)"
+        )
+    supervised = cfg.loss.attention_supervision > 0
+    if supervised and cfg.loss.attention_supervision_source == "backbone" and cfg.model.adaptation == "frozen":
+        raise ConfigError(
+            "config key 'loss.attention_supervision_source: backbone' needs a backbone that trains "
+            "(model.adaptation lora, unfreeze or staged)"
+        )
+    if supervised and cfg.loss.attention_supervision_source == "pooler" and cfg.model.pooling != "attentive":
+        raise ConfigError("config key 'loss.attention_supervision_source: pooler' needs model.pooling: attentive")
+    if cfg.eval.tta and cfg.model.attention_mask != "none":
+        raise ConfigError("config key 'eval.tta' cannot be combined with model.attention_mask (masks are not flipped)")
+    if cfg.train.gradient_checkpointing and cfg.model.adaptation == "frozen":
+        raise ConfigError("config key 'train.gradient_checkpointing' needs a backbone that trains (it saves nothing)")
+    return with_masks
+
+
+class TokensWithMasks(torch.utils.data.Dataset):
+    """Cached tokens with each clip's anatomy masks, read without its frames (``seg_mask``, ``has_mask``)."""
+
+    def __init__(self, tokens: TokenDataset, records: list, image_size: int):
+        self.tokens, self.records, self.image_size = tokens, records, image_size
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        seg_mask = clip_masks(record, self.image_size)
+        return {**self.tokens[index], "seg_mask": seg_mask, "has_mask": torch.tensor(record.has_mask)}
 
 
 def build_cvs_model(cfg: CVSModelConfig, num_frames: int) -> VideoClassifier:
@@ -328,7 +483,22 @@ def build_cvs_model(cfg: CVSModelConfig, num_frames: int) -> VideoClassifier:
         hidden_dim=cfg.head_hidden,
         dropout=cfg.head_dropout,
     )
-    model = VideoClassifier(backbone, head)
+    layout = backbone.token_layout()
+    needs_layout = cfg.seg_head or cfg.attention_mask != "none"
+    if needs_layout and layout is None:
+        raise ConfigError(
+            f"config keys 'model.seg_head' / 'model.attention_mask' need patch tokens: backbone '{cfg.backbone}' "
+            "gives one pooled token per frame (timm: use a ViT with frame tokens 'all')"
+        )
+    seg_head = (
+        SegmentationHead(backbone.feature_dim, len(SEG_CLASSES), layout, hidden=cfg.seg_hidden)
+        if cfg.seg_head
+        else None
+    )
+    try:
+        model = VideoClassifier(backbone, head, masked_layers=cfg.attention_mask_layers, seg_head=seg_head)
+    except ModelError as err:
+        raise ConfigError(f"config key 'model.attention_mask_layers': {err}") from err
     apply_adaptation(
         model,
         "unfreeze" if cfg.adaptation == "staged" else cfg.adaptation,
@@ -355,12 +525,15 @@ def run_name_for(cfg: CVSConfig) -> str:
 
 
 def optimizer_parts(model: VideoClassifier, cfg: CVSTrainConfig) -> list[tuple[str, Any, float]]:
-    """``parameter_groups`` parts: the head at lr, the backbone at backbone_lr (per block with layer decay)."""
+    """``parameter_groups`` parts: the heads at lr, the backbone at backbone_lr (per block with layer decay)."""
     if cfg.layer_decay == 1:
         backbone_parts = [("backbone", model.backbone, cfg.backbone_lr)]
     else:
         backbone_parts = layer_decay_parts(model.backbone, cfg.backbone_lr, cfg.layer_decay)
-    return [("head", model.head, cfg.lr), *backbone_parts]
+    heads = [("head", model.head, cfg.lr)]
+    if model.seg_head is not None:
+        heads.append(("seg_head", model.seg_head, cfg.lr))
+    return [*heads, *backbone_parts]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,14 +621,18 @@ def main(cfg: CVSConfig) -> CVSResult:
         where=f"{where} (data.limit_clips={cfg.data.limit_clips})" if cfg.data.limit_clips else where,
         batch_size=cfg.train.batch_size,
     )
+    with_masks = check_mask_config(cfg, splits, where)
 
-    # -- 2. model: frozen backbone + attentive head (+ LoRA / unfrozen blocks) ----------------------------------
+    # -- 2. model: frozen backbone + attentive head (+ LoRA / unfrozen blocks) (+ segmentation decoder) ---------
     torch.manual_seed(cfg.seed)
     model = build_cvs_model(cfg.model, num_frames=cfg.data.clip_frames)
     backbone = model.backbone
+    if cfg.train.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
     trainable, total = count_parameters(model)
     pixel_sets = {
-        name: ClipDataset(records, backbone.image_size, backbone.mean, backbone.std) for name, records in splits.items()
+        name: ClipDataset(records, backbone.image_size, backbone.mean, backbone.std, with_masks=with_masks)
+        for name, records in splits.items()
     }
 
     run_name = run_name_for(cfg)
@@ -504,7 +681,8 @@ def main(cfg: CVSConfig) -> CVSResult:
         # -- 4. inputs: cached backbone tokens when nothing upstream of the head trains --------------------------
         use_cache = (
             cfg.data.feature_cache
-            and trainable == count_parameters(model.head)[0]
+            and model.backbone_is_frozen()
+            and cfg.model.attention_mask != "backbone"
             and cfg.data.mixup_alpha == 0
             and cfg.data.cutmix_alpha == 0
         )
@@ -527,7 +705,10 @@ def main(cfg: CVSConfig) -> CVSResult:
                     accelerator=accelerator,
                     batch_size=cfg.train.batch_size,
                 )
-                train_inputs[name] = TokenDataset(tokens, torch.as_tensor(ds.labels, dtype=torch.float32))
+                token_set = TokenDataset(tokens, torch.as_tensor(ds.labels, dtype=torch.float32))
+                train_inputs[name] = (
+                    TokensWithMasks(token_set, splits[name], backbone.image_size) if with_masks else token_set
+                )
         else:
             train_inputs = pixel_sets
         run_logger.set_tags({"feature_cache": str(use_cache)})
@@ -565,30 +746,86 @@ def main(cfg: CVSConfig) -> CVSResult:
         )
         loss_fn = loss_fn.to(accelerator.device)
 
-        # -- 6. one training step: (MixUp/CutMix) → logits → loss -----------------------------------------------
+        # -- 6. one training step: (MixUp/CutMix) → anatomy masks → logits → CVS (+ seg, + attention) loss --------
+        layout = backbone.token_layout()
+        num_layers = len(backbone.blocks()) if backbone.has_attention_layers() else 0
+        supervised_layers = sorted({i % num_layers for i in cfg.loss.attention_supervision_layers}) or list(
+            range(num_layers)
+        )
+        seg_class_weights = (
+            torch.tensor(cfg.loss.seg_class_weights, device=accelerator.device) if cfg.loss.seg_class_weights else None
+        )
+        supervise_backbone = cfg.loss.attention_supervision > 0 and cfg.loss.attention_supervision_source == "backbone"
+
         def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
             targets = batch["labels"]
             inputs = _collate_inputs(batch)
             soft_targets = targets
-            if "pixel_values" in inputs and (cfg.data.mixup_alpha or cfg.data.cutmix_alpha):
-                inputs["pixel_values"], soft_targets = mix_clips(
-                    inputs["pixel_values"], targets, mixup_alpha=cfg.data.mixup_alpha,
-                    cutmix_alpha=cfg.data.cutmix_alpha, generator=generator,
-                )  # fmt: skip
-            logits = model(**inputs).logits
-            return StepOutput(loss_fn(logits, soft_targets), torch.sigmoid(logits), targets)
+            seg_mask, has_mask = batch.get("seg_mask"), batch.get("has_mask")
+            plan = draw_mix(len(targets), (backbone.image_size,) * 2, mixup_alpha=cfg.data.mixup_alpha,
+                            cutmix_alpha=cfg.data.cutmix_alpha, generator=generator)  # fmt: skip
+            if plan is not None and "pixel_values" in inputs:
+                plan = dataclasses.replace(plan, perm=plan.perm.to(targets.device))
+                inputs["pixel_values"], soft_targets = plan.pixels(inputs["pixel_values"]), plan.labels(targets)
+                if seg_mask is not None:
+                    seg_mask, has_mask = plan.masks(seg_mask, has_mask)
+            anatomy = anatomy_mask(seg_mask, has_mask)
+            out = model(**inputs, **attention_inputs(anatomy), output_attentions=supervise_backbone)
+            loss = loss_fn(out.logits, soft_targets)
+            parts: dict[str, torch.Tensor] = {}
+            if out.seg_logits is not None:
+                parts["cvs_loss"] = loss.detach()
+                parts["seg_loss"] = segmentation_loss(out.seg_logits, seg_mask, has_mask, seg_class_weights)
+                loss = loss + cfg.loss.seg_weight * parts["seg_loss"]
+            if cfg.loss.attention_supervision > 0:
+                parts["attention_supervision"] = supervision_loss(out, anatomy)
+                loss = loss + cfg.loss.attention_supervision * parts["attention_supervision"]
+            parts = {name: value.detach() for name, value in parts.items()}
+            return StepOutput(loss, torch.sigmoid(out.logits), targets, parts=parts)
+
+        def anatomy_mask(seg_mask: torch.Tensor | None, has_mask: torch.Tensor | None) -> Any:
+            """The tokens overlapping the anatomy (``TokenMask``), or None when nothing uses them."""
+            if (
+                seg_mask is None
+                or layout is None
+                or not (cfg.model.attention_mask != "none" or cfg.loss.attention_supervision > 0)
+            ):
+                return None
+            return anatomy_token_mask(seg_mask, has_mask, layout, cfg.model.attention_mask_dilation)
+
+        def attention_inputs(anatomy: Any) -> dict[str, torch.Tensor]:
+            """model.attention_mask as the classifier's pooler_mask or backbone_mask argument."""
+            if anatomy is None or cfg.model.attention_mask == "none":
+                return {}
+            return {f"{cfg.model.attention_mask}_mask": anatomy.allowed}
+
+        def supervision_loss(out: Any, anatomy: Any) -> torch.Tensor:
+            """loss.attention_supervision's term: the pooler's, or the mean over the supervised backbone layers."""
+            kind = cfg.loss.attention_supervision_kind
+            if not supervise_backbone:
+                return attention_supervision_loss(out.pooler_attention, anatomy.allowed, anatomy.applied, kind)
+            clips = anatomy.allowed.shape[0]
+            frames = out.backbone_attentions[0].shape[0] // clips  # timm folds frames into the batch
+            allowed = anatomy.allowed.view(clips * frames, -1)
+            applied = anatomy.applied.repeat_interleave(frames)
+            terms = [
+                attention_supervision_loss(out.backbone_attentions[i], allowed, applied, kind)
+                for i in supervised_layers
+            ]
+            return torch.stack(terms).mean()
 
         # -- 7. evaluation: loss, AP per criterion, mAP, attention entropy on a fixed subset --------------------
-        entropy_batch = torch.stack(
-            [pixel_sets["val"][i]["pixel_values"] for i in range(min(cfg.data.entropy_clips, len(pixel_sets["val"])))]
+        entropy_batch = torch.utils.data.default_collate(
+            [pixel_sets["val"][i] for i in range(min(cfg.data.entropy_clips, len(pixel_sets["val"])))]
         )
         frozen_backbone_entropy: dict[str, float] = {}
 
         @torch.no_grad()
         def attention_entropies(model: torch.nn.Module) -> dict[str, float]:
             net = accelerator.unwrap_model(model)
-            pixels = entropy_batch.to(accelerator.device)
-            out = net(pixel_values=pixels, output_attentions=True)
+            batch = {k: v.to(accelerator.device) for k, v in entropy_batch.items() if torch.is_tensor(v)}
+            anatomy = anatomy_mask(batch.get("seg_mask"), batch.get("has_mask"))
+            out = net(pixel_values=batch["pixel_values"], output_attentions=True, **attention_inputs(anatomy))
             result = {}
             if out.pooler_attention is not None:
                 result["entropy/pooler"] = attention_entropy_percent(out.pooler_attention)
@@ -598,13 +835,16 @@ def main(cfg: CVSConfig) -> CVSResult:
             backbone_entropy = {f"entropy/backbone_layer_{i}": v for i, v in enumerate(layers)}
             if layers:
                 backbone_entropy["entropy/backbone_mean"] = float(np.mean(layers))
-            if use_cache:
+            if use_cache and cfg.model.attention_mask != "backbone":
                 frozen_backbone_entropy.update(backbone_entropy)
             return {**result, **backbone_entropy}
 
         @torch.no_grad()
-        def predict(model: torch.nn.Module, loader: Any, tta: list[str] | None = None) -> tuple[np.ndarray, ...]:
-            """Probabilities, targets and mean loss; with ``tta`` the averaged probabilities and a NaN loss."""
+        def predict(
+            model: torch.nn.Module, loader: Any, tta: list[str] | None = None, confusion: Any = None
+        ) -> tuple[np.ndarray, ...]:
+            """Probabilities, targets and mean loss; with ``tta`` the averaged probabilities and a NaN loss; with
+            ``confusion`` the segmentation predictions are counted in it."""
             scores, targets, losses, counts = [], [], [], []
             for batch in loader:
                 if tta:
@@ -612,8 +852,11 @@ def main(cfg: CVSConfig) -> CVSResult:
                     probs, labels = accelerator.gather_for_metrics((probs, batch["labels"]))
                     losses.append(float("nan"))
                 else:
-                    logits = model(**_collate_inputs(batch)).logits
-                    logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+                    anatomy = anatomy_mask(batch.get("seg_mask"), batch.get("has_mask"))
+                    out = model(**_collate_inputs(batch), **attention_inputs(anatomy))
+                    if confusion is not None and out.seg_logits is not None:
+                        confusion.update(*accelerator.gather_for_metrics((out.seg_logits.argmax(2), batch["seg_mask"])))
+                    logits, labels = accelerator.gather_for_metrics((out.logits, batch["labels"]))
                     probs = torch.sigmoid(logits)
                     losses.append(loss_fn(logits, labels).item() * len(labels))  # over all ranks' samples
                 scores.append(probs.float().cpu().numpy())
@@ -622,14 +865,20 @@ def main(cfg: CVSConfig) -> CVSResult:
             return np.concatenate(scores), np.concatenate(targets), float(np.sum(losses) / max(np.sum(counts), 1))
 
         def evaluate(model: torch.nn.Module, split: str = "val", loader: Any = None) -> dict[str, float]:
-            scores, targets, loss = predict(model, loader or val_loader)
+            confusion = ConfusionMatrix(len(SEG_CLASSES)) if cfg.model.seg_head else None
+            scores, targets, loss = predict(model, loader or val_loader, confusion=confusion)
             metrics = {f"{split}/{k}": v for k, v in classification_metrics(scores, targets).items()}
             metrics[f"{split}/loss"] = loss
+            if confusion is not None:
+                metrics.update({f"{split}/{k}": v for k, v in segmentation_metrics(confusion, SEG_CLASSES).items()})
             if split == "val":
                 metrics.update(attention_entropies(model))
             return metrics
 
         # -- 8. train (a staged run: stage 2 starts from stage 1's best checkpoint, with fresh AdamW state) --------
+        def evaluate_in_stage(model: torch.nn.Module) -> dict[str, float]:
+            return {**evaluate(model), "stage": stage.number}
+
         while True:
             if not state.stopped_early:  # a resumed stage that had stopped early is over
                 state = run.fit(
@@ -639,7 +888,7 @@ def main(cfg: CVSConfig) -> CVSResult:
                     train_loader=train_loader,
                     train_step=train_step,
                     train_metrics=classification_metrics,
-                    evaluate=evaluate if len(stages) == 1 else lambda m: {**evaluate(m), "stage": stage.number},
+                    evaluate=evaluate if len(stages) == 1 else evaluate_in_stage,
                     train_cfg=dataclasses.replace(
                         cfg.train,
                         epochs=stage.end_epoch(state.stage_start_epoch, cfg.train.epochs),
@@ -680,6 +929,9 @@ def main(cfg: CVSConfig) -> CVSResult:
         final_metrics.update({f"final/val_{k}": v for k, v in classification_metrics(val_scores, val_targets).items()})
         if tta:  # what the augmentations changed
             final_metrics["final/val_mAP_without_tta"] = classification_metrics(*predict(model, val_loader)[:2])["mAP"]
+        if cfg.model.seg_head:
+            seg_metrics = {k: v for k, v in evaluate(model).items() if "IoU" in k}
+            final_metrics.update({f"final/{k.replace('/', '_', 1)}": v for k, v in seg_metrics.items()})
         if "test" in final_inputs:
             test_loader = accelerator.prepare(
                 torch.utils.data.DataLoader(final_inputs["test"], shuffle=False, **loader_kwargs)
@@ -700,6 +952,11 @@ def main(cfg: CVSConfig) -> CVSResult:
 
         run_logger.log_metrics({**final_metrics, "best_epoch": state.best_epoch}, step=state.global_step)
         save_lora_adapter(net, run.checkpoint_dir / "best" / "lora_adapter")
+        if cfg.eval.diagnostics:
+            diagnostics_metrics = log_attention_diagnostics(
+                run_logger, net, pixel_sets["val"], cfg, accelerator.device, anatomy_mask, attention_inputs
+            )
+            run_logger.log_metrics(diagnostics_metrics, step=state.global_step)
         _log_predictions(run_logger, splits["val"], val_scores, val_targets)
         _log_plots(run_logger, state.history, val_scores, val_targets)
 
@@ -726,23 +983,114 @@ def main(cfg: CVSConfig) -> CVSResult:
         return result
 
 
+@torch.no_grad()
+def log_attention_diagnostics(
+    run_logger: Any,
+    net: VideoClassifier,
+    dataset: ClipDataset,
+    cfg: CVSConfig,
+    device: torch.device,
+    anatomy_mask: Any,
+    attention_inputs: Any,
+) -> dict[str, float]:
+    """The research log's attention analyses on the best checkpoint, as artifacts; returns the ``attn/*`` metrics.
+
+    Per backbone layer and for the pooler, and per label category (the "Criterion Comparison Analysis"): entropy,
+    std and max of the attention and its mass inside the anatomy masks (``tables/attention_diagnostics.md|csv``);
+    and the first ``eval.heatmap_clips`` val clips' attention over their frames (``plots/attention_heatmaps.png``).
+    The backbone's maps are reduced one layer of one batch at a time (``attention_probe``), so memory stays at one
+    layer's map of a batch whatever the depth.
+    """
+    backbone, layout = net.backbone, net.backbone.token_layout()
+    count = min(cfg.eval.diagnostics_clips or len(dataset), len(dataset))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, range(count)), batch_size=cfg.train.batch_size, shuffle=False
+    )
+    diagnostics = AttentionDiagnostics(CVS_CRITERIA)
+    num_layers = len(backbone.blocks()) if backbone.has_attention_layers() else 0
+    drawn_layers = sorted({i % num_layers for i in cfg.eval.heatmap_layers}) if num_layers and layout else []
+    heat: dict[str, list[torch.Tensor]] = {}
+    seen = 0
+    for batch in tqdm(loader, desc="attention diagnostics", leave=False):
+        batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+        clips = len(batch["labels"])
+        anatomy = anatomy_mask(batch.get("seg_mask"), batch.get("has_mask"))
+        if anatomy is None and "seg_mask" in batch and layout is not None:
+            anatomy = anatomy_token_mask(
+                batch["seg_mask"], batch["has_mask"], layout, cfg.model.attention_mask_dilation
+            )
+        allowed, applied = (anatomy.allowed, anatomy.applied) if anatomy is not None else (None, None)
+        wanted = max(0, cfg.eval.heatmap_clips - seen)
+        seen += clips
+
+        def reduce(
+            layer: int, probs: torch.Tensor, allowed=allowed, applied=applied, clips=clips, wanted=wanted
+        ) -> None:
+            diagnostics.add_attention(f"backbone_layer_{layer}", probs, allowed, applied, num_clips=clips)
+            if wanted and layer in drawn_layers:  # the mean over heads and queries, per key token
+                heat.setdefault(f"backbone_layer_{layer}", []).append(
+                    probs.mean(dim=(1, 2)).reshape(clips, -1)[:wanted].cpu()
+                )
+
+        with attention_probe(backbone, reduce):
+            out = net(pixel_values=batch["pixel_values"], **attention_inputs(anatomy))
+        if out.pooler_attention is not None:
+            diagnostics.add_attention("pooler", out.pooler_attention, allowed, applied)
+            if wanted and layout is not None:
+                heat.setdefault("pooler", []).append(out.pooler_attention.mean(dim=(1, 2))[:wanted].cpu())
+        diagnostics.add_predictions(batch["labels"], torch.sigmoid(out.logits))
+    run_logger.log_text(diagnostics.to_markdown(), "tables/attention_diagnostics.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        diagnostics.to_csv(Path(tmp) / "attention_diagnostics.csv")
+        run_logger.log_artifact(Path(tmp) / "attention_diagnostics.csv", "tables")
+    if heat and layout is not None:
+        shown = min(cfg.eval.heatmap_clips, count)
+        mean, std = torch.tensor(backbone.mean).view(3, 1, 1), torch.tensor(backbone.std).view(3, 1, 1)
+        frames = torch.stack([dataset[i]["pixel_values"] for i in range(shown)]) * std + mean
+        frames = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+        for source, maps in heat.items():
+            token_maps = torch.cat(maps)[:shown]
+            per_frame = np.stack([plots.token_map_per_frame(m, layout) for m in token_maps])
+            titles = [f"{dataset.records[i].clip_id} {source}" for i in range(shown)]
+            run_logger.log_figure(
+                plots.attention_heatmaps(frames, per_frame, titles), f"plots/attention_heatmaps_{source}.png"
+            )
+    return diagnostics.metrics(prefix="attn/")
+
+
+def write_predictions(
+    path: Path,
+    records: list,
+    targets: np.ndarray,
+    probabilities: np.ndarray,
+    extra_probabilities: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """One CSV row per clip: ids, labels, ``prob_<criterion>``, and ``<name>_prob_<criterion>`` per extra set."""
+    extra = extra_probabilities or {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["clip_id", "video_id", "frame_num"]
+            + [f"label_{c}" for c in CVS_CRITERIA]
+            + [f"prob_{c}" for c in CVS_CRITERIA]
+            + [f"{name}_prob_{c}" for name in extra for c in CVS_CRITERIA]
+        )
+        for row, record in enumerate(records):
+            writer.writerow(
+                [record.clip_id, record.video_id, record.frame_num]
+                + [int(t) for t in targets[row]]
+                + [f"{p:.6f}" for p in probabilities[row]]
+                + [f"{p:.6f}" for probs in extra.values() for p in probs[row]]
+            )
+    return path
+
+
 def _log_predictions(run_logger: Any, records: list, scores: np.ndarray, targets: np.ndarray) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "val_predictions.csv"
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(
-                ["clip_id", "video_id", "frame_num"]
-                + [f"label_{c}" for c in CVS_CRITERIA]
-                + [f"prob_{c}" for c in CVS_CRITERIA]
-            )
-            for record, score, target in zip(records, scores, targets, strict=True):
-                writer.writerow(
-                    [record.clip_id, record.video_id, record.frame_num]
-                    + [int(t) for t in target]
-                    + [f"{s:.6f}" for s in score]
-                )
-        run_logger.log_artifact(path, "predictions")
+        run_logger.log_artifact(
+            write_predictions(Path(tmp) / "val_predictions.csv", records, targets, scores), "predictions"
+        )
 
 
 def _log_plots(run_logger: Any, history: list[dict[str, float]], scores: np.ndarray, targets: np.ndarray) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from avlm.errors import ConfigError
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_RUN_ID = re.compile(r"^(?:runs:/)?(?P<run_id>[0-9a-f]{32})/?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +88,9 @@ def fetch_checkpoint(uri: str, key: str = "model", dest: str | Path | None = Non
             if not found:
                 raise ConfigError(f"config key '{key}' = {uri!r}: version {version.version} holds no avlm checkpoint")
             return CheckpointSource(uri, found[0], version.run_id or "", name, str(version.version))
-        if _RUN_ID.match(uri.strip()):
-            run_id = uri.strip()
+        run_uri = _RUN_ID.match(uri.strip())
+        if run_uri:
+            run_id = run_uri["run_id"]
             client.get_run(run_id)
             folder = download_artifacts(run_id=run_id, artifact_path="checkpoints/best", dst_path=str(dest))
             return CheckpointSource(uri, Path(folder), run_id)
@@ -98,5 +99,6 @@ def fetch_checkpoint(uri: str, key: str = "model", dest: str | Path | None = Non
     except OSError as err:  # a run without checkpoints/best
         raise ConfigError(f"config key '{key}' = {uri!r}: no checkpoint to download ({err})") from err
     raise ConfigError(
-        f"config key '{key}' = {uri!r}: expected models:/<name>@<alias>, models:/<name>/<version> or a run id"
+        f"config key '{key}' = {uri!r}: expected models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id> "
+        "or a run id"
     )

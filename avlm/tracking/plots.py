@@ -1,5 +1,5 @@
 """Plots logged with each run, for what a table shows badly: curves over epochs, PR curves, per-layer entropy,
-AVE's scores and anchors per clip, a chain stage's paired deltas."""
+attention heatmaps over a clip's frames, AVE's scores and anchors per clip, a chain stage's paired deltas."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve  # noqa: E402
 
 if TYPE_CHECKING:
+    import torch
+
     from avlm.ave.diagnose import ClipOutcome
+    from avlm.models import TokenLayout
     from avlm.probe.gate import AblationRow
 
 
@@ -84,6 +87,67 @@ def entropy_per_layer(entropies: Mapping[str, float]) -> plt.Figure:
     ax.set_ylabel("attention entropy (% of max)")
     ax.set_ylim(0, 100)
     ax.axhline(100, color="grey", lw=0.5)
+    fig.tight_layout()
+    return fig
+
+
+def token_map_per_frame(attention: np.ndarray | torch.Tensor, layout: TokenLayout) -> np.ndarray:
+    """Attention over the backbone's tokens as one patch map per frame.
+
+    Prefix (CLS/register) tokens are dropped and the values kept as they are (not renormalised); a time step's
+    map is repeated for each frame it covers (V-JEPA 2: 2 frames per tubelet).
+
+    Args:
+        attention: (N,) attention per token, N = ``layout.num_tokens`` (e.g. the pooler's, averaged over heads, or
+            a backbone layer's, averaged over heads and queries).
+        layout: where the tokens sit (``VideoBackbone.token_layout()``).
+
+    Returns:
+        (T, grid, grid) float64, T = time_steps · frames_per_step.
+
+    Raises:
+        ValueError: ``attention`` is not (N,) for the layout.
+    """
+    if hasattr(attention, "detach"):
+        attention = attention.detach().cpu().numpy()
+    values = np.asarray(attention, dtype=np.float64)
+    if values.shape != (layout.num_tokens,):
+        raise ValueError(f"token attention must have shape ({layout.num_tokens},) for {layout}, got {values.shape}")
+    steps = values.reshape(layout.time_steps, layout.tokens_per_step)[:, layout.prefix_tokens :]
+    return steps.reshape(layout.time_steps, layout.grid, layout.grid).repeat(layout.frames_per_step, axis=0)
+
+
+def attention_heatmaps(frames: np.ndarray, maps: np.ndarray, titles: Sequence[str]) -> plt.Figure:
+    """Attention maps over the frames of a few clips: a row per clip, a column per frame.
+
+    Each patch map is upsampled (bilinear) to the frame and overlaid half transparent; the colour scale runs from 0
+    to the clip's largest value, so the frames of a clip compare with each other (clips do not: each has its own).
+
+    Args:
+        frames: (K, T, S, S, 3) uint8 RGB frames.
+        maps: (K, T, grid, grid) attention per patch (e.g. :func:`token_map_per_frame` of each clip).
+        titles: K row titles (clip id, labels, predictions).
+
+    Raises:
+        ValueError: shapes that do not fit together.
+    """
+    frames, maps = np.asarray(frames), np.asarray(maps, dtype=np.float64)
+    if frames.ndim != 5 or frames.shape[-1] != 3 or maps.ndim != 4 or maps.shape[:2] != frames.shape[:2]:
+        raise ValueError(f"frames (K, T, S, S, 3) {frames.shape} and maps (K, T, grid, grid) {maps.shape} do not fit")
+    if len(titles) != len(frames):
+        raise ValueError(f"{len(titles)} titles for {len(frames)} clips")
+    clips, num_frames, height, width = frames.shape[:4]
+    fig, axes = plt.subplots(clips, num_frames, figsize=(2 * num_frames, 2 * clips + 0.3), squeeze=False)
+    pixel_edges = (-0.5, width - 0.5, height - 0.5, -0.5)  # the map covers the frame's pixels exactly
+    for row, (clip_frames, clip_maps, title) in enumerate(zip(frames, maps, titles, strict=True)):
+        peak = float(clip_maps.max()) if clip_maps.max() > 0 else 1.0
+        for t, ax in enumerate(axes[row]):
+            ax.imshow(clip_frames[t])
+            ax.imshow(
+                clip_maps[t], cmap="jet", alpha=0.5, vmin=0.0, vmax=peak, extent=pixel_edges, interpolation="bilinear"
+            )
+            ax.set_title(f"{title} · frame {t}" if t == 0 else f"frame {t}", fontsize=7)
+            ax.set_axis_off()
     fig.tight_layout()
     return fig
 

@@ -1,4 +1,5 @@
-"""The built-in demo data: deterministic, cached, in the Endoscapes layout, with the real label mix."""
+"""The built-in demo data: deterministic, cached, in the Endoscapes layout, with the real label mix, segmentation
+masks of the drawn patterns, the training subsets and per-annotator votes."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avlm.data import DEMO_VERSION, ensure_cvs_demo, load_endoscapes
+from avlm.data import DEMO_VERSION, attach_masks, ensure_cvs_demo, load_endoscapes, read_annotator_votes
 from avlm.data import cvs_demo as demo_module
-from avlm.data.cvs_demo import SPLIT_VIDEOS
+from avlm.data.cvs_demo import SEG_CATEGORIES, SPLIT_VIDEOS
 from avlm.data.generated import COMPLETE_MARKER
 
 SPLITS = ("train", "val", "test")
@@ -157,3 +158,75 @@ def test_image_size_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert Image.open(next((folder / "test").glob("*.jpg"))).size == (64, 64)
     with pytest.raises(ValueError, match="image_size"):
         ensure_cvs_demo(tmp_path, image_size=8)
+
+
+@pytest.fixture(scope="module")
+def masked(demo: Path, records: dict) -> dict:
+    return attach_masks(demo, records)
+
+
+def test_about_half_of_the_clips_have_masks_on_all_frames(demo: Path, masked: dict) -> None:
+    for split in SPLITS:
+        share = np.mean([r.has_mask for r in masked[split]])
+        assert 0.4 <= share <= 0.6, (split, share)
+        seg = json.loads((demo / f"{split}_seg" / "annotation_coco.json").read_text())
+        assert [c["name"] for c in seg["categories"]] == list(SEG_CATEGORIES)
+        segmented = {image["file_name"] for image in seg["images"]}
+        videos = {int(name.split("_")[0]) for name in segmented}
+        assert len(videos) == (len(SPLIT_VIDEOS[split]) + 1) // 2
+        # Every stored frame of a masked video has a mask, so each of its clips is masked on all its frames.
+        on_disk = {p.name for p in (demo / split).glob("*.jpg") if int(p.name.split("_")[0]) in videos}
+        assert segmented == on_disk
+        for record in masked[split]:
+            assert record.has_mask == (record.video_id in videos)
+            expected = (True,) * len(record.frame_paths) if record.has_mask else ()
+            assert tuple(m is not None for m in record.mask_frames) == expected
+
+
+def test_masks_mark_the_drawn_patterns(masked: dict) -> None:
+    """Pixels masked as Calot's triangle (the red square) are red, artery and duct (the blue blobs) are blue."""
+    colours: dict[int, list[np.ndarray]] = {k: [] for k in range(5)}
+    keyframes = [r for r in masked["train"] if r.has_mask]
+    for record in keyframes:
+        classes = record.mask_frames[-1].render(32)
+        rgb = np.asarray(Image.open(record.frame_paths[-1]), dtype=float)
+        for k in range(5):
+            colours[k].append(rgb[classes == k])
+    pixels = {k: np.concatenate(colours[k]) for k in range(5)}
+    mean = {k: p.mean(axis=0) for k, p in pixels.items()}
+    red, green, blue = 0, 1, 2
+    assert mean[2][red] > mean[2][green] + 120  # calot_triangle: the red square
+    # cystic_plate: red and green stripes, so little blue and far more red/green spread than the background.
+    assert mean[1][blue] < mean[0][blue] - 20
+    assert (pixels[1].std(axis=0)[:2] > 1.5 * pixels[0].std(axis=0)[:2]).all()
+    for blob in (3, 4):  # cystic artery, cystic duct: the blue blobs
+        assert mean[blob][blue] > mean[blob][red] + 60
+    # A clip positive for a criterion shows its structure on the keyframe unless hidden that frame (10%).
+    c3_full = [r for r in keyframes if r.scores[2] > 0.5]
+    with_duct = np.mean([(r.mask_frames[-1].render(32) == 4).any() for r in c3_full])
+    assert with_duct > 0.8
+    c1_free = [r for r in keyframes if r.scores[0] == 0.0]
+    assert not any((r.mask_frames[-1].render(32) == 2).any() for r in c1_free)
+
+
+def test_training_subsets_hold_a_share_of_the_train_videos(demo: Path, records: dict) -> None:
+    train_videos = {r.video_id for r in records["train"]}
+    for name, n_videos in (("12_5", 11), ("25", 23)):  # 12.5% and 25% of 90 videos, rounded
+        folds = []
+        for fold in range(3):
+            coco = json.loads((demo / name / f"train_{fold}" / "annotation_ds_coco.json").read_text())
+            videos = {image["video_id"] for image in coco["images"]}
+            assert len(videos) == n_videos and videos <= train_videos
+            # Each chosen video keeps all its keyframes.
+            assert len(coco["images"]) == sum(r.video_id in videos for r in records["train"])
+            folds.append(videos)
+        assert folds[0] != folds[1] != folds[2]
+
+
+def test_annotator_votes_average_to_the_ds_scores(demo: Path, records: dict) -> None:
+    votes = read_annotator_votes(demo / "all_metadata.csv")
+    all_records = [r for split in SPLITS for r in records[split]]
+    assert len(votes) == len(all_records)
+    for record in all_records:
+        clip_votes = np.array(votes[(record.video_id, record.frame_num)])
+        np.testing.assert_allclose(clip_votes.mean(axis=0), record.scores, atol=1e-9)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from avlm.data import CVS_CRITERIA, ClipRecord, load_endoscapes
+from avlm.data import CVS_CRITERIA, ClipRecord, cvs_demo, ensure_cvs_demo, load_endoscapes
 from avlm.errors import DataError
 
 
@@ -197,3 +197,42 @@ def test_a_corrupt_frame_is_named_with_its_clip_and_sound_frames_are_decoded_onc
     assert message.startswith(f"Endoscapes data {dataset.resolve()}: 1 of 11 frame files cannot be decoded")
     assert f"{frame} (used by train clip 3_100): does not decode" in message
     assert len(decoded) == 12  # only the changed file was read
+
+
+def test_subset_reads_train_from_the_subset_annotation(dataset: Path) -> None:
+    fold_dir = dataset / "12_5" / "train_2"
+    fold_dir.mkdir(parents=True)
+    write_json(fold_dir, [{"id": 1, "file_name": "3_50.jpg", "ds": [1.0, 0.0, 1 / 3]}])
+    data = load_endoscapes(dataset, subset="12_5", subset_fold=2)
+    assert [r.clip_id for r in data["train"]] == ["3_50"]
+    # Frames come from train/, exactly as in the full split; other splits are unaffected.
+    full = {r.clip_id: r for r in load_endoscapes(dataset)["train"]}
+    assert data["train"][0] == full["3_50"]
+    assert data["val"] == load_endoscapes(dataset)["val"]
+    assert load_endoscapes(dataset, subset="12.5", subset_fold=2)["train"] == data["train"]
+
+
+def test_subset_as_a_video_list(dataset: Path) -> None:
+    fold_dir = dataset / "25" / "train_0"
+    fold_dir.mkdir(parents=True)
+    (fold_dir / "train_vids.txt").write_text("3\n")
+    train = load_endoscapes(dataset, subset="25")["train"]
+    assert [r.clip_id for r in train] == ["3_50", "3_100"]
+
+
+def test_missing_subset_folder_is_named(dataset: Path) -> None:
+    with pytest.raises(DataError, match=r"subset folder .*25/train_1 does not exist"):
+        load_endoscapes(dataset, subset="25", subset_fold=1)
+    (dataset / "25" / "train_1").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"25/train_1 holds neither annotation_ds_coco.json nor train_vids.txt"):
+        load_endoscapes(dataset, subset="25", subset_fold=1)
+    with pytest.raises(ValueError, match="subset must be empty or one of"):
+        load_endoscapes(dataset, subset="50")
+
+
+def test_demo_subsets_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cvs_demo, "SPLIT_VIDEOS", {"train": range(1, 9), "val": range(9, 10), "test": range(10, 11)})
+    demo = ensure_cvs_demo(tmp_path)
+    for subset, n_videos in (("12_5", 1), ("25", 2)):  # of 8 train videos
+        folds = [load_endoscapes(demo, splits=("train",), subset=subset, subset_fold=f)["train"] for f in range(3)]
+        assert [len({r.video_id for r in fold}) for fold in folds] == [n_videos] * 3

@@ -104,6 +104,52 @@ def test_lora_on_timm_maps_qkv_to_the_fused_projection():
     assert model(clip()).logits.shape == (2, 3)
 
 
+def lora_wrapped_modules(model):
+    """Names (inside the backbone's PeftModel) of the modules LoRA wraps."""
+    return {n.rsplit(".lora_", 1)[0] for n, _ in model.backbone.model.named_modules() if ".lora_" in n}
+
+
+@pytest.mark.parametrize(
+    "targets,paths,per_layer",
+    [
+        # proj 48->48: 4·48 + 48·4 = 384; fc1 48->96: 4·48 + 96·4 = 576; fc2 96->48: 4·96 + 48·4 = 576
+        (("o_proj", "fc1", "fc2"), ("attention.proj", "mlp.fc1", "mlp.fc2"), 384 + 576 + 576),
+        # query, value and proj are each 48->48: 3 · 384
+        (("query", "value", "o_proj"), ("attention.query", "attention.value", "attention.proj"), 3 * 384),
+    ],
+    ids=["o_proj+fc1+fc2", "query+value+o_proj"],
+)
+def test_lora_target_sets_on_vjepa2_wrap_exactly_those_encoder_modules(targets, paths, per_layer):
+    model = make_classifier()
+    apply_adaptation(model, "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets=targets)
+    assert lora_wrapped_modules(model) == {
+        f"base_model.model.encoder.layer.{i}.{path}" for i in range(2) for path in paths
+    }
+    # the predictor has its own attention.proj / mlp.fc1 / mlp.fc2: they stay plain
+    assert not any("lora" in n for n, _ in model.backbone.model.get_base_model().predictor.named_modules())
+    assert count_parameters(model.backbone) == (2 * per_layer, 66_192 + 2 * per_layer)
+    assert count_parameters(model)[0] == 2 * per_layer + head_size(model)
+
+
+@pytest.mark.parametrize(
+    "targets,paths,per_block",
+    [
+        # proj 48->48: 384; fc1 48->192: 4·48 + 192·4 = 960; fc2 192->48: 4·192 + 48·4 = 960
+        (("o_proj", "fc1", "fc2"), ("attn.proj", "mlp.fc1", "mlp.fc2"), 384 + 960 + 960),
+        # query and value share the fused qkv 48->144 (4·48 + 144·4 = 768), plus proj's 384
+        (("query", "value", "o_proj"), ("attn.qkv", "attn.proj"), 768 + 384),
+    ],
+    ids=["o_proj+fc1+fc2", "query+value+o_proj"],
+)
+def test_lora_target_sets_on_timm_wrap_exactly_those_block_modules(targets, paths, per_block):
+    model = make_classifier("timm-tiny")
+    apply_adaptation(model, "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets=targets)
+    assert lora_wrapped_modules(model) == {f"base_model.model.blocks.{i}.{path}" for i in range(2) for path in paths}
+    assert count_parameters(model.backbone)[0] == 2 * per_block
+    assert count_parameters(model)[0] == 2 * per_block + head_size(model)
+    assert model(clip()).logits.shape == (2, 3)
+
+
 def test_lora_targets_that_match_nothing_are_model_errors():
     with pytest.raises(ModelError, match="unknown LoRA target"):
         apply_adaptation(make_classifier(), "lora", lora_targets=("attn_q",))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from avlm.errors import ConfigError
+from avlm.errors import ConfigError, ModelError
 from avlm.losses import MultiLabelLoss
 from avlm.models import (
     AttentivePooler,
@@ -163,3 +163,25 @@ def test_tiny_classifier_learns_a_separable_task():
     assert accuracy == 1.0
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, frozen_before[key]), key
+
+
+def test_classifier_pooler_mask_from_pixels_and_cached_tokens_agree():
+    model = make_classifier().eval()
+    x = clip()
+    mask = torch.zeros(2, 32, dtype=torch.bool)
+    mask[:, :5] = True
+    from_pixels = model(x, pooler_mask=mask)
+    from_cache = model(tokens=model.backbone_tokens(x), pooler_mask=mask)
+    assert torch.equal(from_cache.logits, from_pixels.logits)
+    assert from_pixels.pooler_attention[..., 5:].max() < 1e-6
+    torch.testing.assert_close(from_pixels.pooler_attention.sum(-1), torch.ones(2, 4, 1))
+
+
+def test_classifier_masked_layers_are_checked_and_kept():
+    torch.manual_seed(0)
+    backbone = build_backbone("vjepa2-tiny", init_seed=0)
+    head = ClassificationHead(48, 3, num_heads=4, hidden_dim=8)
+    assert VideoClassifier(backbone, head, masked_layers=[1]).masked_layers == (1,)
+    assert VideoClassifier(backbone, head).masked_layers == ()
+    with pytest.raises(ModelError, match=r"masked layers \[-1\] out of range: backbone 'vjepa2-tiny' has layers 0..1"):
+        VideoClassifier(backbone, head, masked_layers=[-1])

@@ -7,27 +7,16 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from cvs_runs import run_cvs
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from avlm.data import CVS_CRITERIA
 from avlm.recipes import cvs
 
-TINY = [
-    "tracking.system_metrics=false",
-    "model.head_hidden=32",
-    "model.head_queries=2",
-    "model.head_heads=2",
-    "data.entropy_clips=4",
-    "train.batch_size=16",
-]
-
 
 def run(*overrides, path="examples/cvs/demo.yaml"):
-    from pathlib import Path
-
-    config = Path(__file__).resolve().parents[2] / path
-    return cvs.main(cvs.load_cvs_config(config, [*TINY, *overrides]))
+    return run_cvs(*overrides, path=path)
 
 
 def artifact_paths(client, run_id, path=""):

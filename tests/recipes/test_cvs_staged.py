@@ -1,33 +1,19 @@
 """Staged fine-tuning as the CVS log ran it (Exp9): stage 2 starts from stage 1's best checkpoint."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from cvs_runs import run_cvs
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from avlm.models import trainable_state_dict
-from avlm.recipes import cvs
 from avlm.train.lifecycle import RecipeRun
 
-TINY = [
-    "tracking.system_metrics=false",
-    "model.head_hidden=32",
-    "model.head_queries=2",
-    "model.head_heads=2",
-    "data.entropy_clips=4",
-    "train.batch_size=16",
-    "data.limit_clips=64",
-    "registry.register=false",
-    "model.adaptation=staged",
-    "model.unfreeze_last_n=1",
-]
+STAGED = ("data.limit_clips=64", "registry.register=false", "model.adaptation=staged", "model.unfreeze_last_n=1")
 
 
 def run(*overrides):
-    config = Path(__file__).resolve().parents[2] / "examples/cvs/demo.yaml"
-    return cvs.main(cvs.load_cvs_config(config, [*TINY, *overrides]))
+    return run_cvs(*STAGED, *overrides)
 
 
 def test_stage_two_starts_from_stage_one_best_weights_with_its_own_lr(mlflow_store, monkeypatch):
