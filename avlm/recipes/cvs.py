@@ -925,13 +925,15 @@ def main(cfg: CVSConfig) -> CVSResult:
             if tta
             else val_loader
         )
-        val_scores, val_targets, _ = predict(model, final_val_loader, tta)
+        # the segmentation is scored on the un-augmented pass (the TTA pass averages CVS probabilities only)
+        confusion = ConfusionMatrix(len(SEG_CLASSES)) if cfg.model.seg_head else None
+        val_scores, val_targets, _ = predict(model, final_val_loader, tta, confusion=None if tta else confusion)
         final_metrics.update({f"final/val_{k}": v for k, v in classification_metrics(val_scores, val_targets).items()})
         if tta:  # what the augmentations changed
-            final_metrics["final/val_mAP_without_tta"] = classification_metrics(*predict(model, val_loader)[:2])["mAP"]
-        if cfg.model.seg_head:
-            seg_metrics = {k: v for k, v in evaluate(model).items() if "IoU" in k}
-            final_metrics.update({f"final/{k.replace('/', '_', 1)}": v for k, v in seg_metrics.items()})
+            without_tta = predict(model, val_loader, confusion=confusion)
+            final_metrics["final/val_mAP_without_tta"] = classification_metrics(*without_tta[:2])["mAP"]
+        if confusion is not None:
+            final_metrics.update({f"final/val_{k}": v for k, v in segmentation_metrics(confusion, SEG_CLASSES).items()})
         if "test" in final_inputs:
             test_loader = accelerator.prepare(
                 torch.utils.data.DataLoader(final_inputs["test"], shuffle=False, **loader_kwargs)
