@@ -2,8 +2,8 @@
 
 Run it::
 
-    python bench/loop_overhead.py                      # 7 rounds of 3 epochs over 1024 clips, about a minute
-    python bench/loop_overhead.py --rounds 7 --epochs 2 --clips 1024 2>/dev/null   # without fit's progress bars
+    python bench/loop_overhead.py 2>/dev/null          # avlm vs plain, 30 rounds of 3 epochs x 1024 clips, ~3 min
+    python bench/loop_overhead.py --variants all --rounds 18 2>/dev/null   # every variant below, ~6 min
 
 Both sides train the same tiny model (the CVS attentive head, 48-d tokens) on the same random "cached tokens"
 with BCE, AdamW, the same warmup + cosine schedule and gradient clipping, and run the same evaluation (val mAP)
@@ -32,13 +32,15 @@ What each side does beyond the shared work: every ``avlm`` variant also computes
 (``sigmoid``) and the epoch's training mAP (sklearn, through the CVS recipe's ``classification_metrics``), draws
 a progress bar, reseeds every epoch (``set_seed``; what makes a resumed run replay its epochs) and logs an epoch
 row; the plain loops do none of that. The headline ratio (``avlm``/``plain``) charges all of it to avlm;
-``avlm``/``plain-ckpt`` is the same against a plain loop that checkpoints too.
+``plain-ckpt``/``plain`` is what checkpointing costs a plain loop.
 
-The variants run interleaved, in a rotated order each round, after a warm-up round that is not counted; the
-ratios are taken within a round (per-round and their median) and between the fastest times (min-based). fit's
-progress bars go to stderr as in a real run. Everything runs on the CPU (``ACCELERATE_USE_CPU``), the machine
-the project's budgets are set for. On a shared machine the per-round ratios scatter widely (other processes take
-the cores for part of a round): read the median with its spread, and the min-based ratio beside it.
+A round runs ``plain``, the chosen variants, the same variants backwards, and ``plain`` again (after a warm-up round
+that is not counted), so that a steady drift of the machine's speed weighs on each variant as on ``plain``; a
+variant's ratio in a round is its two trainings over plain's two, and the bench prints the median over the rounds
+with its 95% bootstrap interval. fit's progress bars go to stderr as in a real run. Everything runs on the CPU
+(``ACCELERATE_USE_CPU``), the machine the project's budgets are set for. On the shared 2-core development machine
+even two runs of the same plain loop differ by about 11% (the standard deviation of a round's plain/plain ratio):
+30 rounds leave the median uncertain by about +-0.05, so read the interval, not the third decimal.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from avlm.losses import MultiLabelLoss  # noqa: E402
 from avlm.metrics import mean_average_precision  # noqa: E402
 from avlm.models import ClassificationHead  # noqa: E402
 from avlm.recipes.cvs import classification_metrics  # noqa: E402
+from avlm.stats import ConfidenceInterval, bootstrap_ci  # noqa: E402
 from avlm.tracking import NullLogger, TrackingConfig, tracked_run  # noqa: E402
 from avlm.train import (  # noqa: E402
     StepOutput,
@@ -81,7 +84,7 @@ from avlm.train import (  # noqa: E402
 
 GOAL = 1.05
 TOKENS, DIM, CLASSES = 32, 48, 3  # what the vjepa2-tiny backbone gives for a 4-frame clip
-VARIANTS = ("plain", "plain-ckpt", "accelerate", "avlm", "avlm-no-ckpt", "avlm-bare")
+VARIANTS = ("avlm", "plain-ckpt", "accelerate", "avlm-no-ckpt", "avlm-bare")  # each against plain
 PLAIN_VARIANTS = ("plain", "plain-ckpt", "accelerate")
 SEED = 0
 
@@ -165,9 +168,8 @@ def run_logger_for(variant: str, setup_s: list[float]) -> Iterator[Any]:
         yield NullLogger()
         return
     start = time.perf_counter()
-    with tracked_run(
-        TrackingConfig(system_metrics=False), recipe="bench", run_name=f"bench-{variant}", is_main_process=True
-    ) as run_logger:
+    tracking = TrackingConfig(system_metrics=False)
+    with tracked_run(tracking, recipe="bench", run_name=f"bench-{variant}", is_main_process=True) as run_logger:
         run_logger.flush()  # what opening the run queued (its name tag) is setup: delivered before the timer
         setup_s.append(time.perf_counter() - start)
         yield run_logger
@@ -225,7 +227,10 @@ def run_avlm(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds (after one warm-up round)")
+    parser.add_argument(
+        "--variants", default="avlm", help=f"comma-separated, compared with plain: any of {','.join(VARIANTS)}, or all"
+    )
     parser.add_argument("--epochs", type=int, default=3, help="epochs per training")
     parser.add_argument("--clips", type=int, default=1024, help="training clips (32 tokens x 48 dims each)")
     parser.add_argument("--val-clips", type=int, default=128, help="validation clips evaluated every epoch")
@@ -244,11 +249,18 @@ def main() -> None:
     dataset, val_tokens, val_labels = make_data(args.clips, args.val_clips)
     evaluate = make_evaluate(val_tokens, val_labels)
     steps = args.epochs * (args.clips // args.batch_size)
+    compared = VARIANTS if args.variants == "all" else tuple(dict.fromkeys(["avlm", *args.variants.split(",")]))
+    if unknown := set(compared) - set(VARIANTS):
+        parser.error(f"unknown --variants {sorted(unknown)}; choose from {','.join(VARIANTS)}")
+    # plain, the variants, the variants backwards, plain: a steady drift of the machine's speed within a round
+    # weighs on every variant as on plain
+    order = ("plain", *compared, *reversed(compared), "plain")
 
     print(
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), mlflow {mlflow.__version__}; "
         f"{args.clips} clips x {TOKENS} tokens x {DIM} dims, batch {args.batch_size}, {args.epochs} epochs "
-        f"= {steps} optimizer steps per training, val {args.val_clips} clips; {args.rounds} rounds + 1 warm-up"
+        f"= {steps} optimizer steps per training, val {args.val_clips} clips; {args.rounds} rounds of "
+        f"{','.join(order)} + 1 warm-up"
     )
     with tempfile.TemporaryDirectory(prefix="avlm-bench-") as tmp:
         workdir = Path(tmp)
@@ -257,62 +269,55 @@ def main() -> None:
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         mlflow.set_experiment("avlm-bench")  # creates the store (schema migrations) before any timing
 
-        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        seconds: dict[str, list[float]] = {v: [] for v in ("plain", *compared)}  # per round, its two runs summed
         setup_s: list[float] = []
         flush_s: list[float] = []
         rounds_start = time.perf_counter()
         for round_index in range(args.rounds + 1):
-            shift = round_index % len(VARIANTS)
-            order = VARIANTS[shift:] + VARIANTS[:shift]
+            spent = dict.fromkeys(seconds, 0.0)
             for variant in order:
                 if variant in PLAIN_VARIANTS:
                     checkpoint = workdir / "plain.pt" if variant == "plain-ckpt" else None
-                    seconds = run_plain(dataset, evaluate, cfg, variant == "accelerate", checkpoint)
+                    spent[variant] += run_plain(dataset, evaluate, cfg, variant == "accelerate", checkpoint)
                 else:
                     flushes = flush_s if variant == "avlm" and round_index > 0 else None
-                    seconds = run_avlm(variant, dataset, evaluate, cfg, workdir, setup_s, flushes)
-                if round_index > 0:  # round 0 warms up allocators, kernels, imports and the sqlite store
-                    times[variant].append(seconds)
-            if round_index == 0:
+                    spent[variant] += run_avlm(variant, dataset, evaluate, cfg, workdir, setup_s, flushes)
+            if round_index == 0:  # warms up allocators, kernels, imports and the sqlite store
                 print(f"warm-up round done ({time.perf_counter() - rounds_start:.1f} s)")
-            else:
-                cells = "  ".join(f"{v} {times[v][-1]:.3f}s" for v in VARIANTS)
-                ratios = "  ".join(f"{v}/plain {times[v][-1] / times['plain'][-1]:.3f}" for v in VARIANTS[1:])
-                print(f"round {round_index}: order {','.join(order)}\n  {cells}\n  {ratios}")
+                continue
+            for variant, value in spent.items():
+                seconds[variant].append(value)
+            ratios = "  ".join(f"{v}/plain {spent[v] / spent['plain']:.3f}" for v in compared)
+            print(f"round {round_index:>2}: plain {spent['plain'] / 2:.3f}s  {ratios}", flush=True)
 
-    plain = times["plain"]
-    print(f"\nper-training seconds: plain median {statistics.median(plain):.3f} min {min(plain):.3f}")
-    for variant in VARIANTS[1:]:
-        per_round = [a / p for a, p in zip(times[variant], plain, strict=True)]
-        extra_ms = (statistics.median(times[variant]) - statistics.median(plain)) * 1000
+    plain = seconds["plain"]
+    print(f"\nper-training seconds: plain median {statistics.median(plain) / 2:.3f} min {min(plain) / 2:.3f}")
+    intervals = {}
+    for variant in compared:
+        intervals[variant] = interval = _median_ci(np.array(seconds[variant]) / np.array(plain))
+        extra_ms = (statistics.median(seconds[variant]) - statistics.median(plain)) / 2 * 1000
         print(
-            f"{variant:>13}/plain: median {statistics.median(per_round):.3f} {_spread(per_round)}  min-based "
-            f"{min(times[variant]) / min(plain):.3f}  (per round: {', '.join(f'{r:.3f}' for r in per_round)}; "
-            f"median +{extra_ms:.0f} ms per training = {extra_ms / steps * 1000:.0f} us per step)"
+            f"{variant:>13}/plain: median {interval.estimate:.3f} [95% CI {interval.low:.3f}-{interval.high:.3f}]  "
+            f"(+{extra_ms:.0f} ms per training = {extra_ms / steps * 1000:.0f} us per step)"
         )
-    against_ckpt = [a / p for a, p in zip(times["avlm"], times["plain-ckpt"], strict=True)]
+    plain_training_s = statistics.median(plain) / 2
     print(
-        f"{'avlm':>13}/plain-ckpt: median {statistics.median(against_ckpt):.3f} {_spread(against_ckpt)}  min-based "
-        f"{min(times['avlm']) / min(times['plain-ckpt']):.3f}\n"
         f"avlm's last flush (MLflow writing the queued points to sqlite): median {np.median(flush_s) * 1000:.0f} ms "
-        f"= {np.median(flush_s) / statistics.median(plain):.3f} of a plain training\n"
+        f"= {np.median(flush_s) / plain_training_s:.3f} of a plain training\n"
         f"setup outside the timings: opening + closing an MLflow run {np.median(setup_s) * 1000:.0f} ms (median)\n"
         f"total bench time {time.perf_counter() - script_start:.1f} s"
     )
-    ratios = [a / p for a, p in zip(times["avlm"], plain, strict=True)]
-    median_ratio = statistics.median(ratios)
-    verdict = "PASS" if median_ratio <= GOAL else "MISS"
-    if len(ratios) >= 2 and statistics.quantiles(ratios, n=4)[0] <= GOAL < statistics.quantiles(ratios, n=4)[2]:
-        verdict += f" (but the middle half of the rounds {_spread(ratios)} straddles the goal: too noisy to quote)"
-    print(f"avlm (MLflow every step + checkpoints) / plain, median {median_ratio:.3f}: goal <= {GOAL}: {verdict}")
+    headline = intervals["avlm"]
+    verdict = "PASS" if headline.estimate <= GOAL else "MISS"
+    if headline.low <= GOAL < headline.high:
+        verdict += " (but its 95% CI straddles the goal: more --rounds, or a quieter machine)"
+    print(f"avlm (MLflow every step + checkpoints) / plain, median {headline.estimate:.3f}: goal <= {GOAL}: {verdict}")
 
 
-def _spread(ratios: list[float]) -> str:
-    """The middle half of the per-round ratios (how much the machine moved them)."""
-    if len(ratios) < 2:
-        return ""
-    low, _, high = statistics.quantiles(ratios, n=4)
-    return f"[IQR {low:.3f}-{high:.3f}]"
+def _median_ci(ratios: np.ndarray) -> ConfidenceInterval:
+    """The median per-round ratio with its 95% percentile-bootstrap interval: how far the machine's noise leaves
+    it uncertain."""
+    return bootstrap_ci(ratios, lambda resampled: np.median(resampled, axis=-1), method="percentile", seed=SEED)
 
 
 if __name__ == "__main__":

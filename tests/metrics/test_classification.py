@@ -31,6 +31,24 @@ def test_matches_sklearn_per_class_and_macro():
     assert mean_average_precision(y, scores) == pytest.approx(average_precision_score(y, scores, average="macro"))
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_equals_sklearn_to_1e12_with_ties_and_any_prevalence(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    y = rng.random((n, 4)) < [0.02, 0.3, 0.7, 1.0]
+    y[0, :2] = True  # rare classes still have a positive
+    scores = rng.normal(size=(n, 4))
+    scores[:, 1] = np.round(scores[:, 1], 1)  # many ties
+    scores[:, 2] = scores[:, 2].astype(np.float32)
+    expected = [average_precision_score(y[:, k], scores[:, k]) for k in range(4)]
+    np.testing.assert_allclose(average_precision_per_class(y.astype(float), scores), expected, rtol=0, atol=1e-12)
+
+
+def test_non_finite_scores_are_an_error_as_in_sklearn():
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        average_precision_per_class(np.array([[1.0], [0.0]]), np.array([[np.nan], [0.5]]))
+
+
 def test_class_without_positives_is_nan_silently():
     y, scores = random_case()
     y[:, 1] = 0
