@@ -39,9 +39,10 @@ def test_equals_sklearn_to_1e12_with_ties_and_any_prevalence(seed):
     y[0, :2] = True  # rare classes still have a positive
     scores = rng.normal(size=(n, 4))
     scores[:, 1] = np.round(scores[:, 1], 1)  # many ties
-    scores[:, 2] = scores[:, 2].astype(np.float32)
-    expected = [average_precision_score(y[:, k], scores[:, k]) for k in range(4)]
-    np.testing.assert_allclose(average_precision_per_class(y.astype(float), scores), expected, rtol=0, atol=1e-12)
+    for dtype in (np.float64, np.float32):  # float32: what the training loop's scores arrive as
+        typed = scores.astype(dtype)
+        expected = [average_precision_score(y[:, k], typed[:, k]) for k in range(4)]
+        np.testing.assert_allclose(average_precision_per_class(y.astype(float), typed), expected, rtol=0, atol=1e-12)
 
 
 def test_non_finite_scores_are_an_error_as_in_sklearn():
