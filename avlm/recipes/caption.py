@@ -52,11 +52,10 @@ from avlm.data import (
     load_video_captions,
     video_manifest_hash,
 )
-from avlm.decoding import DecodedSplit, DecodingConfig, SplitScores, decode_split, prediction_rows, score_decoded
+from avlm.decoding import DecodingConfig
 from avlm.errors import ConfigError
 from avlm.features import cached_tokens
 from avlm.metrics import (
-    CaptionScorer,
     SpiceConfig,
     normalize_caption,
     spice_unavailable_reason,
@@ -66,7 +65,6 @@ from avlm.models import (
     CaptionModelConfig,
     FusionCaptioner,
     build_captioner,
-    caption_token_losses,
     count_parameters,
     encode_captions,
     label_token_counts,
@@ -75,10 +73,10 @@ from avlm.models import (
     parameter_groups,
     params_ratio,
 )
-from avlm.rerank import NBestReport, Reranker
+from avlm.recipes.caption_eval import CaptionEvaluator, log_final_evaluation
 from avlm.retention import RetentionConfig, RetentionResult, load_retention_items, retention_verdict, score_retention
 from avlm.scst import ScstConfig, ScstObjective
-from avlm.tracking import TrackingConfig, plots, record_run_start, set_run_tags
+from avlm.tracking import TrackingConfig, record_run_start, set_run_tags
 from avlm.tracking.model_source import CheckpointSource, fetch_checkpoint
 from avlm.tracking.registry import RegistryConfig
 from avlm.train import (
@@ -363,6 +361,30 @@ def caption_collate(tokenizer: Any, max_tokens: int) -> Callable[[list[dict[str,
     return collate
 
 
+def cached_encoder_tokens(
+    encoder: Any, clips: SourceClips, splits: dict[str, list], cfg: CaptionConfig, accelerator: Any
+) -> dict[str, torch.Tensor]:
+    """Each split's frozen-encoder tokens, computed once and cached under the encoder's fingerprint, the
+    preprocessing and the split's manifest."""
+    sources = {}
+    for name, dataset in clips.datasets.items():
+        sources[name], _ = cached_tokens(
+            encoder.to(accelerator.device),
+            dataset,
+            key_parts={
+                "encoder": encoder.fingerprint(),
+                **clips.preprocessing,
+                "manifest": clips.manifest_hash(splits[name]),
+            },
+            cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
+            accelerator=accelerator,
+            batch_size=cfg.decoding.batch_size,
+            input_key=clips.input_key,
+            collate_fn=clips.collate,
+        )
+    return sources
+
+
 def additive_reference_parameters(model: FusionCaptioner) -> int:
     """Trainable parameters the additive system would have with this model's projector, layers and widths."""
     cfg = model.config
@@ -383,66 +405,8 @@ def main(cfg: CaptionConfig) -> CaptionResult:
     return result
 
 
-def scst_run_config(parent_cfg: CaptionConfig, parent: str, registered_as: str = "") -> CaptionConfig:
-    """The config of an SCST run from checkpoint ``parent`` whose config was ``parent_cfg``: the parent's data,
-    model and decoding (so XE and +SCST runs compare column by column), its ``scst`` section's epochs and lr,
-    no warmup, a fresh run name, and the parent's registered model when it has one."""
-    settings = parent_cfg.scst
-    return dataclasses.replace(
-        parent_cfg,
-        scst=dataclasses.replace(settings, parent=parent, after_plateau=False),
-        train=dataclasses.replace(
-            parent_cfg.train, epochs=settings.epochs, lr=settings.lr, backbone_lr=settings.lr, warmup_ratio=0.0
-        ),
-        tracking=dataclasses.replace(parent_cfg.tracking, run_name=""),
-        registry=dataclasses.replace(parent_cfg.registry, name=registered_as or parent_cfg.registry.name),
-        resume="",
-    )
-
-
-def load_scst_config(path: str | Path | None, overrides: Sequence[str] = ()) -> CaptionConfig:
-    """The ``scst`` entry point's config: the parent checkpoint's config made an SCST run (:func:`scst_run_config`),
-    then the keys ``path`` and ``overrides`` set (``scst.parent`` names the parent; an alias is resolved to its
-    version now, so the run records exactly which checkpoint it started from)."""
-    requested = load_config(CaptionConfig, path, overrides)
-    if not requested.scst.parent:
-        raise ConfigError("config key 'scst.parent' is empty: name the XE checkpoint (models:/<name>@<alias>, ...)")
-    source = fetch_checkpoint(requested.scst.parent, key="scst.parent")
-    parent_cfg = config_from_dict(CaptionConfig, yaml.safe_load((source.checkpoint_dir / "config.yaml").read_text()))
-    pinned = f"models:/{source.model_name}/{source.version}" if source.model_name else source.run_id
-    base = scst_run_config(
-        dataclasses.replace(parent_cfg, scst=dataclasses.replace(requested.scst, after_plateau=False)),
-        pinned,
-        source.model_name,
-    )
-    return load_config(CaptionConfig, path, [*overrides, f"scst.parent={pinned}"], base=base)
-
-
-def _scst_after_plateau(cfg: CaptionConfig, result: CaptionResult) -> CaptionResult | None:
-    """Phase 1 of the study: once XE early-stops, SCST from its best checkpoint, as a second run linked to the first
-    (its ``lineage.parent_*`` tags; the XE run's ``scst.child_run_id``)."""
-    from accelerate.utils import broadcast_object_list
-
-    main_process = distributed_state().is_main_process
-    if not result.state.stopped_early:
-        reason = f"XE did not early-stop within train.epochs={cfg.train.epochs} (no plateau): no SCST run"
-        logger.info("scst.after_plateau: %s", reason)
-        if main_process and result.run_id:
-            set_run_tags(result.run_id, {"scst.after_plateau": f"skipped: {reason}"})
-        return None
-    # only the main process registered the version: every process starts from what it names
-    parent = f"models:/{cfg.registry.name}/{result.model_version}" if result.model_version else result.run_id
-    if distributed_state().num_processes > 1:
-        (parent,) = broadcast_object_list([parent])
-    logger.info("scst.after_plateau: XE early-stopped at epoch %d; SCST from %s", result.state.epoch, parent)
-    os.environ.pop("MLFLOW_RUN_ID", None)  # the run `mlflow run` made is the XE run's; SCST gets its own
-    scst_result = _train(scst_run_config(cfg, parent))
-    if main_process and result.run_id and scst_result.run_id:
-        set_run_tags(result.run_id, {"scst.after_plateau": "ran", "scst.child_run_id": scst_result.run_id})
-    return scst_result
-
-
 def _train(cfg: CaptionConfig) -> CaptionResult:
+    """One run of the recipe, XE or SCST; :func:`main` may chain a second."""
     cfg, resume = resume_from(cfg)
 
     # The monitored metric is declared before training: SPIDEr needs SPICE, and without it the run says so.
@@ -450,13 +414,8 @@ def _train(cfg: CaptionConfig) -> CaptionResult:
     monitor = cfg.train.monitor
     if no_spice and re.search(r"SPIDEr|SPICE", monitor):
         monitor = re.sub(r"SPIDEr|SPICE", "CIDEr_D", monitor)
-    train_cfg = dataclasses.replace(
-        cfg.train,
-        monitor=monitor,
-        grad_accum_steps=cfg.effective_batch // cfg.train.batch_size
-        if cfg.effective_batch
-        else cfg.train.grad_accum_steps,
-    )
+    accumulate = cfg.effective_batch // cfg.train.batch_size if cfg.effective_batch else cfg.train.grad_accum_steps
+    train_cfg = dataclasses.replace(cfg.train, monitor=monitor, grad_accum_steps=accumulate)
     registry_cfg = dataclasses.replace(cfg.registry, promote_metric=monitor)
     if cfg.scst.enabled and cfg.scst.reward == "spider" and no_spice:
         raise ConfigError(f"config key 'scst.reward' = 'spider' needs SPICE, which cannot run here: {no_spice}")
@@ -476,13 +435,7 @@ def _train(cfg: CaptionConfig) -> CaptionResult:
     # -- 2. model: frozen encoder → projector → frozen LM with trainable fusion; SCST starts from its parent ----
     parent: CheckpointSource | None = None
     if cfg.scst.enabled:
-        parent = fetch_checkpoint(cfg.scst.parent, key="scst.parent")
-        model, parent_cfg = load_captioner(parent.checkpoint_dir)
-        if parent_cfg.model != cfg.model:
-            raise ConfigError(
-                f"config key 'model' differs from the model of scst.parent {cfg.scst.parent!r}: SCST fine-tunes "
-                "that model as it is (leave the model section to the parent's config)"
-            )
+        parent, model = load_scst_parent(cfg)
         tokenizer = model.tokenizer
         torch.manual_seed(cfg.seed)
     else:
@@ -491,15 +444,7 @@ def _train(cfg: CaptionConfig) -> CaptionResult:
         model = build_captioner(cfg.model, tokenizer)
     training = "xe+scst" if parent is not None else "xe"
     lineage = parent.lineage_tags() if parent is not None else {}
-    counts = model.parameter_counts()
-    counts["additive_reference"] = additive_reference_parameters(model)
-    ratio = params_ratio(counts["trainable"], counts["additive_reference"])
-    if abs(ratio - 1) > PARAMS_TOLERANCE:
-        logger.warning(
-            "fusion '%s' trains %d parameters, %.2fx the additive system's %d (outside ±%d%%): compare it "
-            "param-normalised (params/ratio_to_additive)",
-            cfg.model.fusion, counts["trainable"], ratio, counts["additive_reference"], PARAMS_TOLERANCE * 100,
-        )  # fmt: skip
+    counts, ratio = parameter_counts_vs_additive(model)
     encoder = model.encoder
     data_modality = "video" if cfg.data.dataset in VIDEO_DATASETS else "audio"
     if model.modality != data_modality:
@@ -516,90 +461,26 @@ def _train(cfg: CaptionConfig) -> CaptionResult:
 
         # -- 3. what this run is: config, tags, run card --------------------------------------------------------
         if run.is_new:
-            record_run_start(
-                run_logger,
-                cfg=cfg,
-                config_yaml=run.config_yaml,
-                tags={
-                    "recipe": RECIPE,
-                    "dataset": dataset_name,
-                    "encoder": cfg.model.encoder,
-                    "lm": cfg.model.lm,
-                    "fusion": cfg.model.fusion,
-                    "fusion_layers": ",".join(str(i) for i in cfg.model.fusion_layers),
-                    "monitor": monitor,
-                    "training": training,
-                    **lineage,
-                    "spice": "available" if no_spice is None else "unavailable",
-                    **({"spice_unavailable_reason": no_spice} if no_spice else {}),
-                    "gate": f"{monitor} {registry_cfg.promote_mode} +{registry_cfg.promote_margin:g}",
-                },
-                run_card={
-                    "recipe": RECIPE,
-                    "run_name": run_name,
-                    "dataset": {
-                        "name": dataset_name,
-                        "modality": data_modality,
-                        "manifest_sha256": {name: clips.manifest_hash(r) for name, r in splits.items()},
-                        "reference_sha256": {name: caption_reference_hash(r) for name, r in splits.items()},
-                        "clips": {name: len(r) for name, r in splits.items()},
-                        "captions": {name: sum(len(x.captions) for x in r) for name, r in splits.items()},
-                        "preprocessing": clips.preprocessing,
-                        "text_normalization": "lowercase, punctuation stripped (avlm.metrics.normalize_caption)"
-                        if cfg.data.normalize_text
-                        else "none",
-                    },
-                    "encoder": {
-                        "name": encoder.name,
-                        "revision": encoder.revision,
-                        "fingerprint": encoder.fingerprint(),
-                    },
-                    "lm": {"name": cfg.model.lm, "revision": getattr(model.lm.config, "_commit_hash", None)},
-                    "fusion": {
-                        "mode": cfg.model.fusion,
-                        "layers": list(cfg.model.fusion_layers),
-                        "source_tokens": cfg.model.audio_tokens,
-                        "projector_width": cfg.model.projector_width,
-                        "fusion_gate_init": cfg.model.fusion_gate_init,
-                    },
-                    "loss": {
-                        "contrastive_weight": cfg.model.contrastive_weight,
-                        "temperature": cfg.model.temperature,
-                        "gate_l2": cfg.model.fusion_gate_l2,
-                    },
-                    "decoding": dataclasses.asdict(cfg.decoding),
-                    "training": training,
-                    **({"scst": dataclasses.asdict(cfg.scst)} if parent is not None else {}),
-                    "parameter_counts": counts,
-                    "monitor": monitor,
-                    "spice_unavailable_reason": no_spice,
-                },
-                num_processes=accelerator.num_processes,
-                mixed_precision=train_cfg.mixed_precision,
-                trainable_params=counts["trainable"],
-                total_params=counts["total"],
+            record_caption_run_start(
+                run,
+                cfg,
+                run_name=run_name,
+                train_cfg=train_cfg,
+                registry_cfg=registry_cfg,
+                no_spice=no_spice,
+                dataset_name=dataset_name,
+                splits=splits,
+                clips=clips,
+                model=model,
+                counts=counts,
+                training=training,
+                lineage=lineage,
             )
             run_logger.log_metrics({"params/ratio_to_additive": ratio}, step=0)
 
         # -- 4. sources: the frozen encoder's tokens, computed once and cached, or waveforms ---------------------
         if cfg.data.feature_cache:
-            sources = {}
-            for name, dataset in clips.datasets.items():
-                sources[name], _ = cached_tokens(
-                    encoder.to(accelerator.device),
-                    dataset,
-                    key_parts={
-                        "encoder": encoder.fingerprint(),
-                        **clips.preprocessing,
-                        "manifest": clips.manifest_hash(splits[name]),
-                    },
-                    cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(),
-                    accelerator=accelerator,
-                    batch_size=cfg.decoding.batch_size,
-                    input_key=clips.input_key,
-                    collate_fn=clips.collate,
-                )
-            source_key = "source_features"
+            sources, source_key = cached_encoder_tokens(encoder, clips, splits, cfg, accelerator), "source_features"
         else:
             sources, source_key = clips.datasets, "source"
 
@@ -673,68 +554,20 @@ def _train(cfg: CaptionConfig) -> CaptionResult:
                 parts["contrastive_loss"] = out.contrastive_loss  # negatives: this process's share of the batch
             return StepOutput(loss=out.loss - out.xe_loss + xe, parts=parts)
 
-        train_step = xe_step
-        if parent is not None:
-            spice = cfg.metrics.spice_config()
-            scst_objective = ScstObjective(
-                cfg.scst,
-                [r.captions for r in splits["train"]],
-                max_new_tokens=cfg.decoding.max_new_tokens,
-                spice=spice if isinstance(spice, SpiceConfig) else None,
-            )
-
-            def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
-                return scst_objective(model, accelerator.unwrap_model(model), source_inputs(batch), batch)
+        train_step = xe_step if parent is None else scst_train_step(cfg, splits["train"], accelerator, source_inputs)
 
         # -- 7. evaluation: val XE, beam-search captions scored by pycocoevalcap, gate magnitudes ---------------
-        scorer = CaptionScorer(spice=cfg.metrics.spice_config()) if accelerator.is_main_process else None
-
-        reranker = None
-        if cfg.decoding.rerank.enabled:
-            reranker = Reranker(cfg.decoding.rerank, [r.captions for r in splits["train"]], device=accelerator.device)
-
-        def caption_split(model: torch.nn.Module, split: str, loader: Any) -> DecodedSplit:
-            def waveforms(positions: list[int]) -> list[Any]:
-                return [clips.datasets[split][i][clips.input_key].numpy() for i in positions]
-
-            return decode_split(
-                accelerator.unwrap_model(model),
-                loader,
-                cfg.decoding,
-                source_inputs,
-                accelerator=accelerator,
-                reranker=reranker,
-                max_caption_tokens=cfg.data.max_caption_tokens,
-                waveforms=waveforms if data_modality == "audio" else None,
-                sample_rate=clips.preprocessing.get("sample_rate", 0),
-            )
-
-        def score_split(split: str, decoded: DecodedSplit) -> SplitScores | None:
-            return score_decoded(decoded, splits[split], scorer) if scorer is not None else None
-
-        @torch.no_grad()
-        def val_xe(model: torch.nn.Module) -> float:
-            total, count = 0.0, 0
-            for batch in val_pairs:
-                out = teacher_forced(model, batch)
-                # per caption, so that the split's token mean is the same on any number of processes
-                sums, tokens = accelerator.gather_for_metrics(
-                    (caption_token_losses(out.logits, batch["labels"]), label_token_counts(batch["labels"]))
-                )
-                total, count = total + float(sums.sum()), count + int(tokens.sum())
-            return total / max(count, 1)
-
-        def evaluate(model: torch.nn.Module) -> dict[str, float]:
-            scores = score_split("val", caption_split(model, "val", val_clips))
-            metrics = scores.metrics("val/") if scores is not None else {}
-            if accelerator.num_processes > 1:  # every rank needs the monitored value for early stopping
-                from accelerate.utils import broadcast_object_list
-
-                metrics = broadcast_object_list([metrics])[0]
-            metrics["val/xe_loss"] = val_xe(model)
-            gates = accelerator.unwrap_model(model).fusion_gate_magnitudes()
-            metrics.update({f"fusion_gate/layer_{layer}": value for layer, value in gates.items()})
-            return metrics
+        evaluator = CaptionEvaluator(
+            cfg,
+            accelerator,
+            splits=splits,
+            clips=clips,
+            source_inputs=source_inputs,
+            teacher_forced=teacher_forced,
+            eval_loader=eval_loader,
+            val_pairs=val_pairs,
+            val_clips=val_clips,
+        )
 
         # -- 8. train ---------------------------------------------------------------------------------------------
         try:
@@ -744,7 +577,7 @@ def _train(cfg: CaptionConfig) -> CaptionResult:
                 scheduler=scheduler,
                 train_loader=train_loader,
                 train_step=train_step,
-                evaluate=evaluate,
+                evaluate=evaluator,
                 train_cfg=train_cfg,
                 # lm-tiny's vocabulary is built from this run's data: the checkpoint carries its tokenizer
                 before_upload=lambda path: tokenizer.save_pretrained(path / "tokenizer"),
@@ -755,25 +588,14 @@ def _train(cfg: CaptionConfig) -> CaptionResult:
             retention = None
             if lm_alone is not None:  # "no audio given": the fusion active on a silent clip's source tokens
                 retention = score_retention(accelerator.unwrap_model(model), retention_items, with_fusion=True)
-            final_metrics: dict[str, float] = {}
-            predictions: dict[str, Any] = {}
-            nbest_tables: dict[str, NBestReport] = {}
-            for split in [s for s in ("val", "test") if s in splits]:
-                decoded = caption_split(model, split, val_clips if split == "val" else eval_loader(split, pairs=False))
-                scores = score_split(split, decoded)
-                if scores is not None:
-                    final_metrics.update(scores.metrics(f"final/{split}_"))
-                    predictions[split] = prediction_rows(splits[split], decoded, scores)
-                    if scores.nbest is not None:
-                        nbest_tables[split] = scores.nbest
+            final = evaluator.final(model)
         finally:
-            if scorer is not None:
-                scorer.close()
+            evaluator.close()
 
         result = CaptionResult(
             run_id=run.run_id,
             state=state,
-            final_metrics=final_metrics,
+            final_metrics=final.metrics,
             monitor=monitor,
             spice_unavailable_reason=no_spice,
             parameter_counts=counts,
@@ -782,17 +604,11 @@ def _train(cfg: CaptionConfig) -> CaptionResult:
         if not run.is_main_process:
             return result
 
-        run_logger.log_metrics({**final_metrics, "best_epoch": state.best_epoch}, step=state.global_step)
+        run_logger.log_metrics({**final.metrics, "best_epoch": state.best_epoch}, step=state.global_step)
         retention_tags = {}
         if retention is not None:
             retention_tags = log_retention(run_logger, lm_alone, retention, cfg.retention, step=state.global_step)
-        for split, rows in predictions.items():
-            run_logger.log_dict(rows, f"predictions/{split}_predictions.json")
-        for split, report in nbest_tables.items():  # the study's T3: decoding vs reranking
-            markdown = report.markdown(title=f"Decoding vs reranking ({split})")
-            run_logger.log_text(markdown, f"tables/decoding_{split}.md")
-            run_logger.log_dict(report.table(), f"tables/decoding_{split}.json")
-        _log_plots(run_logger, state.history, cfg.model.fusion_layers)
+        log_final_evaluation(run_logger, final, state.history, cfg.model.fusion_layers)
 
         # -- 10. registry: candidate, then the promotion gate -----------------------------------------------------
         registration = run.register_and_promote(
@@ -811,12 +627,210 @@ def _train(cfg: CaptionConfig) -> CaptionResult:
             },
             aliases=("scst",) if parent is not None else (),
             input_example=predictor_input([splits["val"][0]], data_modality),
-            output_example=[predictions["val"][0]["prediction"]] if "val" in predictions else [""],
+            output_example=[final.predictions["val"][0]["prediction"]] if "val" in final.predictions else [""],
         )
         if registration is not None:
             result.model_version, result.promoted = registration.version, registration.promoted
         logger.info("done: run %s, best %s %.4f at epoch %d", run.run_id, monitor, state.best_value, state.best_epoch)
         return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SCST: fine-tuning an XE checkpoint on the metric (avlm.scst), as its own run
+# ----------------------------------------------------------------------------------------------------------------
+def scst_run_config(parent_cfg: CaptionConfig, parent: str, registered_as: str = "") -> CaptionConfig:
+    """The config of an SCST run from checkpoint ``parent`` whose config was ``parent_cfg``: the parent's data,
+    model and decoding (so XE and +SCST runs compare column by column), its ``scst`` section's epochs and lr,
+    no warmup, a fresh run name, and the parent's registered model when it has one."""
+    settings = parent_cfg.scst
+    return dataclasses.replace(
+        parent_cfg,
+        scst=dataclasses.replace(settings, parent=parent, after_plateau=False),
+        train=dataclasses.replace(
+            parent_cfg.train, epochs=settings.epochs, lr=settings.lr, backbone_lr=settings.lr, warmup_ratio=0.0
+        ),
+        tracking=dataclasses.replace(parent_cfg.tracking, run_name=""),
+        registry=dataclasses.replace(parent_cfg.registry, name=registered_as or parent_cfg.registry.name),
+        resume="",
+    )
+
+
+def load_scst_config(path: str | Path | None, overrides: Sequence[str] = ()) -> CaptionConfig:
+    """The ``scst`` entry point's config: the parent checkpoint's config made an SCST run (:func:`scst_run_config`),
+    then the keys ``path`` and ``overrides`` set (``scst.parent`` names the parent; an alias is resolved to its
+    version now, so the run records exactly which checkpoint it started from)."""
+    requested = load_config(CaptionConfig, path, overrides)
+    if not requested.scst.parent:
+        raise ConfigError("config key 'scst.parent' is empty: name the XE checkpoint (models:/<name>@<alias>, ...)")
+    source = fetch_checkpoint(requested.scst.parent, key="scst.parent")
+    parent_cfg = config_from_dict(CaptionConfig, yaml.safe_load((source.checkpoint_dir / "config.yaml").read_text()))
+    pinned = f"models:/{source.model_name}/{source.version}" if source.model_name else source.run_id
+    base = scst_run_config(
+        dataclasses.replace(parent_cfg, scst=dataclasses.replace(requested.scst, after_plateau=False)),
+        pinned,
+        source.model_name,
+    )
+    return load_config(CaptionConfig, path, [*overrides, f"scst.parent={pinned}"], base=base)
+
+
+def _scst_after_plateau(cfg: CaptionConfig, result: CaptionResult) -> CaptionResult | None:
+    """Phase 1 of the study: once XE early-stops, SCST from its best checkpoint, as a second run linked to the first
+    (its ``lineage.parent_*`` tags; the XE run's ``scst.child_run_id``)."""
+    from accelerate.utils import broadcast_object_list
+
+    main_process = distributed_state().is_main_process
+    if not result.state.stopped_early:
+        reason = f"XE did not early-stop within train.epochs={cfg.train.epochs} (no plateau): no SCST run"
+        logger.info("scst.after_plateau: %s", reason)
+        if main_process and result.run_id:
+            set_run_tags(result.run_id, {"scst.after_plateau": f"skipped: {reason}"})
+        return None
+    # only the main process registered the version: every process starts from what it names
+    parent = f"models:/{cfg.registry.name}/{result.model_version}" if result.model_version else result.run_id
+    if distributed_state().num_processes > 1:
+        (parent,) = broadcast_object_list([parent])
+    logger.info("scst.after_plateau: XE early-stopped at epoch %d; SCST from %s", result.state.epoch, parent)
+    os.environ.pop("MLFLOW_RUN_ID", None)  # the run `mlflow run` made is the XE run's; SCST gets its own
+    scst_result = _train(scst_run_config(cfg, parent))
+    if main_process and result.run_id and scst_result.run_id:
+        set_run_tags(result.run_id, {"scst.after_plateau": "ran", "scst.child_run_id": scst_result.run_id})
+    return scst_result
+
+
+def load_scst_parent(cfg: CaptionConfig) -> tuple[CheckpointSource, FusionCaptioner]:
+    """The XE checkpoint ``scst.parent`` names and its captioner, which must be the model this config describes."""
+    parent = fetch_checkpoint(cfg.scst.parent, key="scst.parent")
+    model, parent_cfg = load_captioner(parent.checkpoint_dir)
+    if parent_cfg.model != cfg.model:
+        raise ConfigError(
+            f"config key 'model' differs from the model of scst.parent {cfg.scst.parent!r}: SCST fine-tunes "
+            "that model as it is (leave the model section to the parent's config)"
+        )
+    return parent, model
+
+
+def scst_train_step(
+    cfg: CaptionConfig,
+    train_records: Sequence[Any],
+    accelerator: Any,
+    source_inputs: Callable[[dict[str, Any]], dict[str, Any]],
+) -> Callable[[torch.nn.Module, dict[str, Any], torch.Generator], StepOutput]:
+    """The loop's training step for SCST: :class:`avlm.scst.ScstObjective`, its CIDEr-D document frequencies from
+    the training references."""
+    spice = cfg.metrics.spice_config()
+    scst_objective = ScstObjective(
+        cfg.scst,
+        [r.captions for r in train_records],
+        max_new_tokens=cfg.decoding.max_new_tokens,
+        spice=spice if isinstance(spice, SpiceConfig) else None,
+    )
+
+    def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
+        return scst_objective(model, accelerator.unwrap_model(model), source_inputs(batch), batch)
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run logs about itself
+# ----------------------------------------------------------------------------------------------------------------
+def parameter_counts_vs_additive(model: FusionCaptioner) -> tuple[dict[str, int], float]:
+    """The model's parameter counts, the additive system's (``additive_reference``) among them, and the ratio of
+    trainable parameters to it; a fusion outside the research plan's tolerance is warned about."""
+    counts = model.parameter_counts()
+    counts["additive_reference"] = additive_reference_parameters(model)
+    ratio = params_ratio(counts["trainable"], counts["additive_reference"])
+    if abs(ratio - 1) > PARAMS_TOLERANCE:
+        logger.warning(
+            "fusion '%s' trains %d parameters, %.2fx the additive system's %d (outside ±%d%%): compare it "
+            "param-normalised (params/ratio_to_additive)",
+            model.config.fusion, counts["trainable"], ratio, counts["additive_reference"], PARAMS_TOLERANCE * 100,
+        )  # fmt: skip
+    return counts, ratio
+
+
+def record_caption_run_start(
+    run: Any,
+    cfg: CaptionConfig,
+    *,
+    run_name: str,
+    train_cfg: TrainConfig,
+    registry_cfg: RegistryConfig,
+    no_spice: str | None,
+    dataset_name: str,
+    splits: dict[str, list],
+    clips: SourceClips,
+    model: FusionCaptioner,
+    counts: dict[str, int],
+    training: str,
+    lineage: dict[str, str],
+) -> None:
+    """Log what a new run is: its config, its tags (what it trains, what it monitors, whether SPICE runs, the
+    promotion gate) and its run card (the data's hashes and sizes, encoder, LM, fusion, loss, decoding)."""
+    monitor, encoder = train_cfg.monitor, model.encoder
+    record_run_start(
+        run.logger,
+        cfg=cfg,
+        config_yaml=run.config_yaml,
+        tags={
+            "recipe": RECIPE,
+            "dataset": dataset_name,
+            "encoder": cfg.model.encoder,
+            "lm": cfg.model.lm,
+            "fusion": cfg.model.fusion,
+            "fusion_layers": ",".join(str(i) for i in cfg.model.fusion_layers),
+            "monitor": monitor,
+            "training": training,
+            **lineage,
+            "spice": "available" if no_spice is None else "unavailable",
+            **({"spice_unavailable_reason": no_spice} if no_spice else {}),
+            "gate": f"{monitor} {registry_cfg.promote_mode} +{registry_cfg.promote_margin:g}",
+        },
+        run_card={
+            "recipe": RECIPE,
+            "run_name": run_name,
+            "dataset": {
+                "name": dataset_name,
+                "modality": model.modality,
+                "manifest_sha256": {name: clips.manifest_hash(r) for name, r in splits.items()},
+                "reference_sha256": {name: caption_reference_hash(r) for name, r in splits.items()},
+                "clips": {name: len(r) for name, r in splits.items()},
+                "captions": {name: sum(len(x.captions) for x in r) for name, r in splits.items()},
+                "preprocessing": clips.preprocessing,
+                "text_normalization": "lowercase, punctuation stripped (avlm.metrics.normalize_caption)"
+                if cfg.data.normalize_text
+                else "none",
+            },
+            "encoder": {
+                "name": encoder.name,
+                "revision": encoder.revision,
+                "fingerprint": encoder.fingerprint(),
+            },
+            "lm": {"name": cfg.model.lm, "revision": getattr(model.lm.config, "_commit_hash", None)},
+            "fusion": {
+                "mode": cfg.model.fusion,
+                "layers": list(cfg.model.fusion_layers),
+                "source_tokens": cfg.model.audio_tokens,
+                "projector_width": cfg.model.projector_width,
+                "fusion_gate_init": cfg.model.fusion_gate_init,
+            },
+            "loss": {
+                "contrastive_weight": cfg.model.contrastive_weight,
+                "temperature": cfg.model.temperature,
+                "gate_l2": cfg.model.fusion_gate_l2,
+            },
+            "decoding": dataclasses.asdict(cfg.decoding),
+            "training": training,
+            **({"scst": dataclasses.asdict(cfg.scst)} if cfg.scst.enabled else {}),
+            "parameter_counts": counts,
+            "monitor": monitor,
+            "spice_unavailable_reason": no_spice,
+        },
+        num_processes=run.accelerator.num_processes,
+        mixed_precision=train_cfg.mixed_precision,
+        trainable_params=counts["trainable"],
+        total_params=counts["total"],
+    )
 
 
 def log_retention(
@@ -846,25 +860,6 @@ def log_retention(
         fused.accuracy, lm_alone.accuracy, delta_pt, cfg.max_drop_pt, verdict,
     )  # fmt: skip
     return tags
-
-
-def _log_plots(run_logger: Any, history: list[dict[str, float]], fusion_layers: Sequence[int]) -> None:
-    run_logger.log_figure(
-        plots.training_curves(
-            history,
-            {
-                "loss": ["train/loss", "train/xe_loss", "train/contrastive_loss", "val/xe_loss"],
-                "val caption metrics": ["val/BLEU_4", "val/METEOR", "val/ROUGE_L", "val/CIDEr_D", "val/SPIDEr"],
-            },
-        ),
-        "plots/training_curves.png",
-    )
-    gate_keys = [f"fusion_gate/layer_{layer}" for layer in fusion_layers if f"fusion_gate/layer_{layer}" in history[-1]]
-    if gate_keys:
-        run_logger.log_figure(
-            plots.training_curves(history, {"gate magnitude per fusion layer": gate_keys}),
-            "plots/fusion_gate_magnitudes.png",
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import logging
 import re
 import tempfile
@@ -24,7 +25,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from avlm.config import load_config
 from avlm.data import (
@@ -45,22 +45,17 @@ from avlm.data.clips import clip_masks
 from avlm.data.mixing import draw_mix
 from avlm.errors import ConfigError, DataError, ModelError
 from avlm.features import TokenDataset, cached_tokens
-from avlm.losses import MultiLabelLoss, attention_supervision_loss
+from avlm.losses import MultiLabelLoss
 from avlm.metrics import (
-    AttentionDiagnostics,
     ConfusionMatrix,
-    attention_entropy_percent,
     average_precision_per_class,
-    layer_entropies_percent,
     segmentation_metrics,
 )
 from avlm.models import (
     ClassificationHead,
     SegmentationHead,
     VideoClassifier,
-    anatomy_token_mask,
     apply_adaptation,
-    attention_probe,
     build_backbone,
     count_parameters,
     load_trainable_state_dict,
@@ -70,14 +65,17 @@ from avlm.models import (
 )
 from avlm.models.adaptation import layer_decay_parts
 from avlm.models.tta import TTA_AUGMENTATIONS, tta_probabilities
+from avlm.recipes.cvs_attention import AnatomyAttention, AttentionEntropies, log_attention_diagnostics
 from avlm.tracking import TrackingConfig, plots, record_run_start
 from avlm.tracking.registry import RegistryConfig
 from avlm.train import (
     LoopState,
     StepOutput,
     TrainConfig,
+    TrainingStage,
     build_optimizer,
     build_scheduler,
+    fit_in_stages,
     load_trainable,
     open_run,
     optimizer_steps_per_epoch,
@@ -460,6 +458,39 @@ class TokensWithMasks(torch.utils.data.Dataset):
         return {**self.tokens[index], "seg_mask": seg_mask, "has_mask": torch.tensor(record.has_mask)}
 
 
+def cached_token_sets(
+    pixel_sets: dict[str, ClipDataset],
+    splits: dict[str, list],
+    backbone: Any,
+    cfg: CVSConfig,
+    accelerator: Any,
+    with_masks: bool,
+) -> dict[str, torch.utils.data.Dataset]:
+    """Each split's backbone tokens, from the feature cache (computed and stored on a miss), with their labels (and
+    the clips' anatomy masks when the clips have them)."""
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    token_sets = {}
+    for name, ds in pixel_sets.items():
+        tokens, _ = cached_tokens(
+            backbone.to(accelerator.device),
+            ds,
+            key_parts={
+                "backbone": backbone.fingerprint(),
+                "image_size": backbone.image_size,
+                "mean": backbone.mean,
+                "std": backbone.std,
+                "clip_frames": cfg.data.clip_frames,
+                "manifest": manifest_hash(splits[name]),
+            },
+            cache_dir=cache_dir,
+            accelerator=accelerator,
+            batch_size=cfg.train.batch_size,
+        )
+        token_set = TokenDataset(tokens, torch.as_tensor(ds.labels, dtype=torch.float32))
+        token_sets[name] = TokensWithMasks(token_set, splits[name], backbone.image_size) if with_masks else token_set
+    return token_sets
+
+
 def build_cvs_model(cfg: CVSModelConfig, num_frames: int) -> VideoClassifier:
     """Backbone + head, with the configured adaptation applied (deterministic given the seeds)."""
     try:
@@ -524,6 +555,36 @@ def run_name_for(cfg: CVSConfig) -> str:
     return f"{RECIPE}-{backbone}-{adaptation}-seed{cfg.seed}"
 
 
+def run_card_for(
+    run_name: str,
+    dataset_name: str,
+    splits: dict[str, list],
+    pixel_sets: dict[str, ClipDataset],
+    backbone: Any,
+) -> dict[str, Any]:
+    """The run card's recipe fields: the run, its dataset (manifest and label hashes, clips, positive rates) and
+    backbone."""
+    return {
+        "recipe": RECIPE,
+        "run_name": run_name,
+        "dataset": {
+            "name": dataset_name,
+            "manifest_sha256": {name: manifest_hash(r) for name, r in splits.items()},
+            "label_sha256": {name: label_checksum(r) for name, r in splits.items()},
+            "clips": {name: len(r) for name, r in splits.items()},
+            "positive_rate": {
+                name: dict(zip(CVS_CRITERIA, ds.labels.mean(axis=0).round(4).tolist(), strict=True))
+                for name, ds in pixel_sets.items()
+            },
+        },
+        "backbone": {
+            "name": backbone.name,
+            "revision": backbone.revision,
+            "fingerprint": backbone.fingerprint(),
+        },
+    }
+
+
 def optimizer_parts(model: VideoClassifier, cfg: CVSTrainConfig) -> list[tuple[str, Any, float]]:
     """``parameter_groups`` parts: the heads at lr, the backbone at backbone_lr (per block with layer decay)."""
     if cfg.layer_decay == 1:
@@ -534,31 +595,6 @@ def optimizer_parts(model: VideoClassifier, cfg: CVSTrainConfig) -> list[tuple[s
     if model.seg_head is not None:
         heads.append(("seg_head", model.seg_head, cfg.lr))
     return [*heads, *backbone_parts]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingStage:
-    """One stage of the training: how long, how patient, at which learning rates.
-
-    Attributes:
-        number: 1-based.
-        max_epochs: epochs this stage may run; 0 = until train.epochs.
-        patience: epochs without improvement before the stage stops; 0 = never.
-        lr / backbone_lr: head and backbone learning rates.
-        backbone_frozen: the backbone's trainable blocks stay at lr 0 (they are trainable parameters from the start
-            because DDP fixes the set of trained parameters when it wraps the model).
-    """
-
-    number: int
-    max_epochs: int
-    patience: int
-    lr: float
-    backbone_lr: float
-    backbone_frozen: bool
-
-    def end_epoch(self, start_epoch: int, total_epochs: int) -> int:
-        """The epoch count at which this stage ends when it began at ``start_epoch``; never past ``total_epochs``."""
-        return min(total_epochs, start_epoch + self.max_epochs) if self.max_epochs else total_epochs
 
 
 def training_stages(cfg: CVSConfig) -> list[TrainingStage]:
@@ -576,9 +612,10 @@ def training_stages(cfg: CVSConfig) -> list[TrainingStage]:
 
 
 def stage_optimization(
-    model: VideoClassifier, train_cfg: CVSTrainConfig, stage: TrainingStage, *, start_epoch: int, steps_per_epoch: int
+    model: VideoClassifier, stage: TrainingStage, *, start_epoch: int, train_cfg: CVSTrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW groups (head lr / backbone lr, per block with layer decay) and warmup + schedule over the stage."""
+    """AdamW groups (head lr / backbone lr, per block with layer decay) and warmup + schedule over the stage; with
+    ``train_cfg`` and ``steps_per_epoch`` bound, the ``StageOptimization`` of :func:`avlm.train.fit_in_stages`."""
     stage_cfg = dataclasses.replace(train_cfg, lr=stage.lr, backbone_lr=stage.backbone_lr)
     groups = parameter_groups(model, optimizer_parts(model, stage_cfg), weight_decay=train_cfg.weight_decay)
     optimizer = build_optimizer(groups)
@@ -604,6 +641,39 @@ def classification_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str,
 
 def _collate_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {"tokens": batch["tokens"]} if "tokens" in batch else {"pixel_values": batch["pixel_values"]}
+
+
+@torch.no_grad()
+def predict_clips(
+    model: torch.nn.Module,
+    loader: Any,
+    tta: list[str] | None = None,
+    confusion: Any = None,
+    *,
+    accelerator: Any,
+    loss_fn: MultiLabelLoss,
+    anatomy_attention: AnatomyAttention,
+) -> tuple[np.ndarray, ...]:
+    """Probabilities, targets and mean loss; with ``tta`` the averaged probabilities and a NaN loss; with
+    ``confusion`` the segmentation predictions are counted in it."""
+    scores, targets, losses, counts = [], [], [], []
+    for batch in loader:
+        if tta:
+            probs = tta_probabilities(lambda x: model(pixel_values=x).logits, batch["pixel_values"], tta)
+            probs, labels = accelerator.gather_for_metrics((probs, batch["labels"]))
+            losses.append(float("nan"))
+        else:
+            anatomy = anatomy_attention.token_mask(batch.get("seg_mask"), batch.get("has_mask"))
+            out = model(**_collate_inputs(batch), **anatomy_attention.model_inputs(anatomy))
+            if confusion is not None and out.seg_logits is not None:
+                confusion.update(*accelerator.gather_for_metrics((out.seg_logits.argmax(2), batch["seg_mask"])))
+            logits, labels = accelerator.gather_for_metrics((out.logits, batch["labels"]))
+            probs = torch.sigmoid(logits)
+            losses.append(loss_fn(logits, labels).item() * len(labels))  # over all ranks' samples
+        scores.append(probs.float().cpu().numpy())
+        targets.append(labels.float().cpu().numpy())
+        counts.append(len(labels))
+    return np.concatenate(scores), np.concatenate(targets), float(np.sum(losses) / max(np.sum(counts), 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -653,25 +723,7 @@ def main(cfg: CVSConfig) -> CVSResult:
                     "adaptation": cfg.model.adaptation,
                     "gate": gate,
                 },
-                run_card={
-                    "recipe": RECIPE,
-                    "run_name": run_name,
-                    "dataset": {
-                        "name": dataset_name,
-                        "manifest_sha256": {name: manifest_hash(r) for name, r in splits.items()},
-                        "label_sha256": {name: label_checksum(r) for name, r in splits.items()},
-                        "clips": {name: len(r) for name, r in splits.items()},
-                        "positive_rate": {
-                            name: dict(zip(CVS_CRITERIA, ds.labels.mean(axis=0).round(4).tolist(), strict=True))
-                            for name, ds in pixel_sets.items()
-                        },
-                    },
-                    "backbone": {
-                        "name": backbone.name,
-                        "revision": backbone.revision,
-                        "fingerprint": backbone.fingerprint(),
-                    },
-                },
+                run_card=run_card_for(run_name, dataset_name, splits, pixel_sets, backbone),
                 num_processes=accelerator.num_processes,
                 mixed_precision=cfg.train.mixed_precision,
                 trainable_params=trainable,
@@ -686,31 +738,9 @@ def main(cfg: CVSConfig) -> CVSResult:
             and cfg.data.mixup_alpha == 0
             and cfg.data.cutmix_alpha == 0
         )
-        if use_cache:
-            cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
-            train_inputs = {}
-            for name, ds in pixel_sets.items():
-                tokens, _ = cached_tokens(
-                    backbone.to(accelerator.device),
-                    ds,
-                    key_parts={
-                        "backbone": backbone.fingerprint(),
-                        "image_size": backbone.image_size,
-                        "mean": backbone.mean,
-                        "std": backbone.std,
-                        "clip_frames": cfg.data.clip_frames,
-                        "manifest": manifest_hash(splits[name]),
-                    },
-                    cache_dir=cache_dir,
-                    accelerator=accelerator,
-                    batch_size=cfg.train.batch_size,
-                )
-                token_set = TokenDataset(tokens, torch.as_tensor(ds.labels, dtype=torch.float32))
-                train_inputs[name] = (
-                    TokensWithMasks(token_set, splits[name], backbone.image_size) if with_masks else token_set
-                )
-        else:
-            train_inputs = pixel_sets
+        train_inputs = (
+            cached_token_sets(pixel_sets, splits, backbone, cfg, accelerator, with_masks) if use_cache else pixel_sets
+        )
         run_logger.set_tags({"feature_cache": str(use_cache)})
 
         sampler = EpochSampler(
@@ -736,10 +766,9 @@ def main(cfg: CVSConfig) -> CVSResult:
         )
         steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), cfg.train.grad_accum_steps)
         stages = training_stages(cfg)
+        optimization = functools.partial(stage_optimization, train_cfg=cfg.train, steps_per_epoch=steps_per_epoch)
         state = run.resume.state if run.resume else LoopState()
-        stage = stages[state.stage - 1]
-        optimizer, scheduler = stage_optimization(model, cfg.train, stage, start_epoch=state.stage_start_epoch,
-                                                  steps_per_epoch=steps_per_epoch)  # fmt: skip
+        optimizer, scheduler = optimization(model, stages[state.stage - 1], start_epoch=state.stage_start_epoch)
         run.restore(model, optimizer, scheduler)
         model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
             model, optimizer, train_loader, val_loader, scheduler
@@ -747,15 +776,10 @@ def main(cfg: CVSConfig) -> CVSResult:
         loss_fn = loss_fn.to(accelerator.device)
 
         # -- 6. one training step: (MixUp/CutMix) → anatomy masks → logits → CVS (+ seg, + attention) loss --------
-        layout = backbone.token_layout()
-        num_layers = len(backbone.blocks()) if backbone.has_attention_layers() else 0
-        supervised_layers = sorted({i % num_layers for i in cfg.loss.attention_supervision_layers}) or list(
-            range(num_layers)
-        )
+        anatomy_attention = AnatomyAttention.from_config(cfg, backbone)
         seg_class_weights = (
             torch.tensor(cfg.loss.seg_class_weights, device=accelerator.device) if cfg.loss.seg_class_weights else None
         )
-        supervise_backbone = cfg.loss.attention_supervision > 0 and cfg.loss.attention_supervision_source == "backbone"
 
         def train_step(model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
             targets = batch["labels"]
@@ -769,8 +793,9 @@ def main(cfg: CVSConfig) -> CVSResult:
                 inputs["pixel_values"], soft_targets = plan.pixels(inputs["pixel_values"]), plan.labels(targets)
                 if seg_mask is not None:
                     seg_mask, has_mask = plan.masks(seg_mask, has_mask)
-            anatomy = anatomy_mask(seg_mask, has_mask)
-            out = model(**inputs, **attention_inputs(anatomy), output_attentions=supervise_backbone)
+            anatomy = anatomy_attention.token_mask(seg_mask, has_mask)
+            out = model(**inputs, **anatomy_attention.model_inputs(anatomy),
+                        output_attentions=anatomy_attention.supervise_backbone)  # fmt: skip
             loss = loss_fn(out.logits, soft_targets)
             parts: dict[str, torch.Tensor] = {}
             if out.seg_logits is not None:
@@ -778,91 +803,21 @@ def main(cfg: CVSConfig) -> CVSResult:
                 parts["seg_loss"] = segmentation_loss(out.seg_logits, seg_mask, has_mask, seg_class_weights)
                 loss = loss + cfg.loss.seg_weight * parts["seg_loss"]
             if cfg.loss.attention_supervision > 0:
-                parts["attention_supervision"] = supervision_loss(out, anatomy)
+                parts["attention_supervision"] = anatomy_attention.supervision_loss(out, anatomy)
                 loss = loss + cfg.loss.attention_supervision * parts["attention_supervision"]
             parts = {name: value.detach() for name, value in parts.items()}
             return StepOutput(loss, torch.sigmoid(out.logits), targets, parts=parts)
 
-        def anatomy_mask(seg_mask: torch.Tensor | None, has_mask: torch.Tensor | None) -> Any:
-            """The tokens overlapping the anatomy (``TokenMask``), or None when nothing uses them."""
-            if (
-                seg_mask is None
-                or layout is None
-                or not (cfg.model.attention_mask != "none" or cfg.loss.attention_supervision > 0)
-            ):
-                return None
-            return anatomy_token_mask(seg_mask, has_mask, layout, cfg.model.attention_mask_dilation)
-
-        def attention_inputs(anatomy: Any) -> dict[str, torch.Tensor]:
-            """model.attention_mask as the classifier's pooler_mask or backbone_mask argument."""
-            if anatomy is None or cfg.model.attention_mask == "none":
-                return {}
-            return {f"{cfg.model.attention_mask}_mask": anatomy.allowed}
-
-        def supervision_loss(out: Any, anatomy: Any) -> torch.Tensor:
-            """loss.attention_supervision's term: the pooler's, or the mean over the supervised backbone layers."""
-            kind = cfg.loss.attention_supervision_kind
-            if not supervise_backbone:
-                return attention_supervision_loss(out.pooler_attention, anatomy.allowed, anatomy.applied, kind)
-            clips = anatomy.allowed.shape[0]
-            frames = out.backbone_attentions[0].shape[0] // clips  # timm folds frames into the batch
-            allowed = anatomy.allowed.view(clips * frames, -1)
-            applied = anatomy.applied.repeat_interleave(frames)
-            terms = [
-                attention_supervision_loss(out.backbone_attentions[i], allowed, applied, kind)
-                for i in supervised_layers
-            ]
-            return torch.stack(terms).mean()
-
         # -- 7. evaluation: loss, AP per criterion, mAP, attention entropy on a fixed subset --------------------
-        entropy_batch = torch.utils.data.default_collate(
-            [pixel_sets["val"][i] for i in range(min(cfg.data.entropy_clips, len(pixel_sets["val"])))]
+        attention_entropies = AttentionEntropies(
+            pixel_sets["val"],
+            cfg.data.entropy_clips,
+            anatomy_attention,
+            backbone_fixed=use_cache and cfg.model.attention_mask != "backbone",
         )
-        frozen_backbone_entropy: dict[str, float] = {}
-
-        @torch.no_grad()
-        def attention_entropies(model: torch.nn.Module) -> dict[str, float]:
-            net = accelerator.unwrap_model(model)
-            batch = {k: v.to(accelerator.device) for k, v in entropy_batch.items() if torch.is_tensor(v)}
-            anatomy = anatomy_mask(batch.get("seg_mask"), batch.get("has_mask"))
-            out = net(pixel_values=batch["pixel_values"], output_attentions=True, **attention_inputs(anatomy))
-            result = {}
-            if out.pooler_attention is not None:
-                result["entropy/pooler"] = attention_entropy_percent(out.pooler_attention)
-            if frozen_backbone_entropy:  # a frozen backbone's attention never changes: measured once
-                return {**result, **frozen_backbone_entropy}
-            layers = layer_entropies_percent(out.backbone_attentions) if out.backbone_attentions else []
-            backbone_entropy = {f"entropy/backbone_layer_{i}": v for i, v in enumerate(layers)}
-            if layers:
-                backbone_entropy["entropy/backbone_mean"] = float(np.mean(layers))
-            if use_cache and cfg.model.attention_mask != "backbone":
-                frozen_backbone_entropy.update(backbone_entropy)
-            return {**result, **backbone_entropy}
-
-        @torch.no_grad()
-        def predict(
-            model: torch.nn.Module, loader: Any, tta: list[str] | None = None, confusion: Any = None
-        ) -> tuple[np.ndarray, ...]:
-            """Probabilities, targets and mean loss; with ``tta`` the averaged probabilities and a NaN loss; with
-            ``confusion`` the segmentation predictions are counted in it."""
-            scores, targets, losses, counts = [], [], [], []
-            for batch in loader:
-                if tta:
-                    probs = tta_probabilities(lambda x: model(pixel_values=x).logits, batch["pixel_values"], tta)
-                    probs, labels = accelerator.gather_for_metrics((probs, batch["labels"]))
-                    losses.append(float("nan"))
-                else:
-                    anatomy = anatomy_mask(batch.get("seg_mask"), batch.get("has_mask"))
-                    out = model(**_collate_inputs(batch), **attention_inputs(anatomy))
-                    if confusion is not None and out.seg_logits is not None:
-                        confusion.update(*accelerator.gather_for_metrics((out.seg_logits.argmax(2), batch["seg_mask"])))
-                    logits, labels = accelerator.gather_for_metrics((out.logits, batch["labels"]))
-                    probs = torch.sigmoid(logits)
-                    losses.append(loss_fn(logits, labels).item() * len(labels))  # over all ranks' samples
-                scores.append(probs.float().cpu().numpy())
-                targets.append(labels.float().cpu().numpy())
-                counts.append(len(labels))
-            return np.concatenate(scores), np.concatenate(targets), float(np.sum(losses) / max(np.sum(counts), 1))
+        predict = functools.partial(
+            predict_clips, accelerator=accelerator, loss_fn=loss_fn, anatomy_attention=anatomy_attention
+        )
 
         def evaluate(model: torch.nn.Module, split: str = "val", loader: Any = None) -> dict[str, float]:
             confusion = ConfusionMatrix(len(SEG_CLASSES)) if cfg.model.seg_head else None
@@ -872,47 +827,25 @@ def main(cfg: CVSConfig) -> CVSResult:
             if confusion is not None:
                 metrics.update({f"{split}/{k}": v for k, v in segmentation_metrics(confusion, SEG_CLASSES).items()})
             if split == "val":
-                metrics.update(attention_entropies(model))
+                metrics.update(attention_entropies(accelerator.unwrap_model(model), accelerator.device))
             return metrics
 
         # -- 8. train (a staged run: stage 2 starts from stage 1's best checkpoint, with fresh AdamW state) --------
-        def evaluate_in_stage(model: torch.nn.Module) -> dict[str, float]:
-            return {**evaluate(model), "stage": stage.number}
-
-        while True:
-            if not state.stopped_early:  # a resumed stage that had stopped early is over
-                state = run.fit(
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    train_loader=train_loader,
-                    train_step=train_step,
-                    train_metrics=classification_metrics,
-                    evaluate=evaluate if len(stages) == 1 else evaluate_in_stage,
-                    train_cfg=dataclasses.replace(
-                        cfg.train,
-                        epochs=stage.end_epoch(state.stage_start_epoch, cfg.train.epochs),
-                        patience=stage.patience,
-                    ),
-                    state=state,
-                )
-            if stage.number == len(stages) or state.epoch >= cfg.train.epochs:
-                break
-            if state.stopped_early and cfg.model.stage1_stop_ends_run:
-                logger.info("stage %d stopped early and model.stage1_stop_ends_run is set: no stage 2", stage.number)
-                break
-            run_logger.log_metrics({f"stage{stage.number}/best_{cfg.train.monitor}": state.best_value},
-                                   step=state.global_step)  # fmt: skip
-            stage = stages[stage.number]
-            run.load_best(model)
-            state.stage, state.stage_start_epoch = stage.number, state.epoch
-            state.epochs_without_improvement, state.stopped_early = 0, False
-            optimizer, scheduler = accelerator.prepare(
-                *stage_optimization(accelerator.unwrap_model(model), cfg.train, stage,
-                                    start_epoch=state.epoch, steps_per_epoch=steps_per_epoch)
-            )  # fmt: skip
-            logger.info("stage %d from stage %d's best checkpoint (epoch %d)", stage.number, stage.number - 1,
-                        state.best_epoch)  # fmt: skip
+        state = fit_in_stages(
+            run,
+            stages,
+            optimization,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+            train_loader=train_loader,
+            train_step=train_step,
+            train_metrics=classification_metrics,
+            evaluate=evaluate,
+            train_cfg=cfg.train,
+            early_stop_ends_run=cfg.model.stage1_stop_ends_run,
+        )
 
         # -- 9. the best checkpoint: final evaluation (with test-time augmentation), predictions, plots -----------
         net = run.load_best(model)
@@ -956,7 +889,7 @@ def main(cfg: CVSConfig) -> CVSResult:
         save_lora_adapter(net, run.checkpoint_dir / "best" / "lora_adapter")
         if cfg.eval.diagnostics:
             diagnostics_metrics = log_attention_diagnostics(
-                run_logger, net, pixel_sets["val"], cfg, accelerator.device, anatomy_mask, attention_inputs
+                run_logger, net, pixel_sets["val"], cfg, accelerator.device, anatomy_attention
             )
             run_logger.log_metrics(diagnostics_metrics, step=state.global_step)
         _log_predictions(run_logger, splits["val"], val_scores, val_targets)
@@ -983,81 +916,6 @@ def main(cfg: CVSConfig) -> CVSResult:
             "done: run %s, best %s %.4f at epoch %d", run.run_id, cfg.train.monitor, state.best_value, state.best_epoch
         )
         return result
-
-
-@torch.no_grad()
-def log_attention_diagnostics(
-    run_logger: Any,
-    net: VideoClassifier,
-    dataset: ClipDataset,
-    cfg: CVSConfig,
-    device: torch.device,
-    anatomy_mask: Any,
-    attention_inputs: Any,
-) -> dict[str, float]:
-    """The research log's attention analyses on the best checkpoint, as artifacts; returns the ``attn/*`` metrics.
-
-    Per backbone layer and for the pooler, and per label category (the "Criterion Comparison Analysis"): entropy,
-    std and max of the attention and its mass inside the anatomy masks (``tables/attention_diagnostics.md|csv``);
-    and the first ``eval.heatmap_clips`` val clips' attention over their frames (``plots/attention_heatmaps.png``).
-    The backbone's maps are reduced one layer of one batch at a time (``attention_probe``), so memory stays at one
-    layer's map of a batch whatever the depth.
-    """
-    backbone, layout = net.backbone, net.backbone.token_layout()
-    count = min(cfg.eval.diagnostics_clips or len(dataset), len(dataset))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, range(count)), batch_size=cfg.train.batch_size, shuffle=False
-    )
-    diagnostics = AttentionDiagnostics(CVS_CRITERIA)
-    num_layers = len(backbone.blocks()) if backbone.has_attention_layers() else 0
-    drawn_layers = sorted({i % num_layers for i in cfg.eval.heatmap_layers}) if num_layers and layout else []
-    heat: dict[str, list[torch.Tensor]] = {}
-    seen = 0
-    for batch in tqdm(loader, desc="attention diagnostics", leave=False):
-        batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-        clips = len(batch["labels"])
-        anatomy = anatomy_mask(batch.get("seg_mask"), batch.get("has_mask"))
-        if anatomy is None and "seg_mask" in batch and layout is not None:
-            anatomy = anatomy_token_mask(
-                batch["seg_mask"], batch["has_mask"], layout, cfg.model.attention_mask_dilation
-            )
-        allowed, applied = (anatomy.allowed, anatomy.applied) if anatomy is not None else (None, None)
-        wanted = max(0, cfg.eval.heatmap_clips - seen)
-        seen += clips
-
-        def reduce(
-            layer: int, probs: torch.Tensor, allowed=allowed, applied=applied, clips=clips, wanted=wanted
-        ) -> None:
-            diagnostics.add_attention(f"backbone_layer_{layer}", probs, allowed, applied, num_clips=clips)
-            if wanted and layer in drawn_layers:  # the mean over heads and queries, per key token
-                heat.setdefault(f"backbone_layer_{layer}", []).append(
-                    probs.mean(dim=(1, 2)).reshape(clips, -1)[:wanted].cpu()
-                )
-
-        with attention_probe(backbone, reduce):
-            out = net(pixel_values=batch["pixel_values"], **attention_inputs(anatomy))
-        if out.pooler_attention is not None:
-            diagnostics.add_attention("pooler", out.pooler_attention, allowed, applied)
-            if wanted and layout is not None:
-                heat.setdefault("pooler", []).append(out.pooler_attention.mean(dim=(1, 2))[:wanted].cpu())
-        diagnostics.add_predictions(batch["labels"], torch.sigmoid(out.logits))
-    run_logger.log_text(diagnostics.to_markdown(), "tables/attention_diagnostics.md")
-    with tempfile.TemporaryDirectory() as tmp:
-        diagnostics.to_csv(Path(tmp) / "attention_diagnostics.csv")
-        run_logger.log_artifact(Path(tmp) / "attention_diagnostics.csv", "tables")
-    if heat and layout is not None:
-        shown = min(cfg.eval.heatmap_clips, count)
-        mean, std = torch.tensor(backbone.mean).view(3, 1, 1), torch.tensor(backbone.std).view(3, 1, 1)
-        frames = torch.stack([dataset[i]["pixel_values"] for i in range(shown)]) * std + mean
-        frames = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
-        for source, maps in heat.items():
-            token_maps = torch.cat(maps)[:shown]
-            per_frame = np.stack([plots.token_map_per_frame(m, layout) for m in token_maps])
-            titles = [f"{dataset.records[i].clip_id} {source}" for i in range(shown)]
-            run_logger.log_figure(
-                plots.attention_heatmaps(frames, per_frame, titles), f"plots/attention_heatmaps_{source}.png"
-            )
-    return diagnostics.metrics(prefix="attn/")
 
 
 def write_predictions(

@@ -27,6 +27,7 @@ from avlm.train.loop import (
     optimizer_steps_per_epoch,
 )
 from avlm.train.optim import build_optimizer, build_scheduler
+from avlm.train.stages import StageOptimization, TrainingStage, fit_in_stages
 
 __all__ = [
     "LoopState",
@@ -51,4 +52,7 @@ __all__ = [
     "resume_from",
     "restore_optimization",
     "save_checkpoint",
+    "StageOptimization",
+    "TrainingStage",
+    "fit_in_stages",
 ]
